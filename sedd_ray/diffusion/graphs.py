@@ -1,0 +1,434 @@
+"""Forward processes of SEDD: the rate matrix Q of each graph, in closed form.
+
+Register a new graph with ``@GRAPHS.register("name")``; the shared property tests in
+``tests/test_graphs.py`` then check it against a dense matrix exponential for free.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+
+from sedd_ray.registry import Registry
+
+GRAPHS: Registry[type[Graph]] = Registry("graph")
+
+
+def get_graph(name: str, vocab_size: int) -> Graph:
+    """The graph registered as ``name`` over ``vocab_size`` real tokens.
+
+    Unknown names raise ``ValueError`` listing the valid ones.
+    """
+    return GRAPHS.get(name)(vocab_size)
+
+
+# --- small helpers shared by graphs and the sampler -------------------------------------------
+
+
+def _as_float(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """``sigma`` as a floating tensor (at least float32) on ``like``'s device."""
+    sigma = torch.as_tensor(sigma, device=like.device)
+    if not sigma.is_floating_point():
+        sigma = sigma.to(torch.get_default_dtype())
+    return sigma.to(torch.promote_types(sigma.dtype, torch.float32))
+
+
+def _rand(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+          device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """U[0, 1) draws made on the generator's device (a CPU generator works for CUDA data)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _onehot(i: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Float one-hot of ``i`` (*,) -> (*, dim), without an int64 intermediate."""
+    out = torch.zeros(*i.shape, dim, dtype=dtype, device=i.device)
+    return out.scatter_(-1, i[..., None], True if dtype == torch.bool else 1.0)
+
+
+def _phi(u: torch.Tensor) -> torch.Tensor:
+    """phi(u) = e^u - u - 1 >= 0, computed without cancellation near u = 0."""
+    return (torch.expm1(u) - u).clamp_min(0.0)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one index per row of unnormalised ``probs`` (*, K) -> LongTensor (*,).
+
+    Negative entries are clamped to 0 and rows are renormalised; the draw is an inverse
+    CDF in float64 (float32 Gumbel-max lowers the effective temperature). A row with no
+    positive mass draws uniformly over its K entries; a non-finite entry raises.
+    """
+    p = probs.detach().to(torch.float64).clamp_min(0.0)
+    total = p.sum(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(total).all()):
+        raise ValueError("sample_categorical got non-finite probabilities (NaN or inf scores?)")
+    p = torch.where(total > 0, p, torch.ones_like(p))
+    cdf = p.cumsum(dim=-1)
+    u = _rand(cdf.shape[:-1] + (1,), generator, cdf.device) * cdf[..., -1:]
+    idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True)
+    return idx.clamp_max(p.shape[-1] - 1).squeeze(-1)
+
+
+# --- the base class ---------------------------------------------------------------------------
+
+
+class Graph(abc.ABC):
+    r"""A continuous-time Markov chain on ``dim`` states, applied to each position alone.
+
+    Notation (columns are "from", rows are "to"):
+
+    - ``Q`` is ``(dim, dim)``; ``Q[y, x] >= 0`` is the rate of jumping from ``x`` to
+      ``y != x`` and each column sums to zero.
+    - Forward marginal: ``p_t(x_t | x_0) = exp(sigma_bar(t) Q)[x_t, x_0]``, where
+      ``sigma_bar`` is the total noise of the schedule (:mod:`sedd_ray.diffusion.noise`).
+    - Reverse process: ``Qbar_t[y, x] = Q[x, y] * p_t(y) / p_t(x)`` for ``y != x``. The
+      network learns the *score* ``s(x)_y ~ p_t(y) / p_t(x)`` (``l = log s``).
+    - Denoising score entropy at one position, with ``r_y = p(y | x_0) / p(x_t | x_0)``
+      the true conditional ratio and ``K(a) = a (log a - 1)``:
+
+          SE = sum_{y != x_t} Q[x_t, y] (s_y - r_y l_y + K(r_y))
+             = sum_{y != x_t} Q[x_t, y] r_y phi(l_y - log r_y),   phi(u) = e^u - u - 1
+
+      (for ``r_y = 0`` the term is ``s_y``). Each term is ``>= 0`` and ``0`` exactly at
+      ``s_y = r_y``; the second form is the one computed, as it has no cancellation.
+    - Tweedie step back from ``sigma`` to ``sigma - d``:
+      ``p(x_{sigma-d} = y | x_sigma = x) = [exp(-d Q) s]_y * exp(d Q)[x, y]``, i.e.
+      ``staggered_score(s, d) * transp_transition(x, d)``.
+
+    Shapes: ``i``, ``x``, ``x0`` are LongTensors ``(*batch)``, e.g. ``(B, L)``; ``sigma``
+    broadcasts against them, e.g. ``(B, 1)``; vectors over states are ``(*batch, dim)``.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        if not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, dim={self.dim})"
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """Number of states: ``vocab_size`` (+1 for a mask state)."""
+        raise NotImplementedError
+
+    @property
+    def absorb(self) -> bool:
+        """Whether state ``dim - 1`` is an absorbing mask that sampling must remove."""
+        return self.mask_id is not None
+
+    @property
+    def mask_id(self) -> int | None:
+        """The mask state's id, or ``None`` when the graph has no mask."""
+        return None
+
+    # dense form, for tests and small vocabularies
+    def rate_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense rate matrix ``Q`` ``(dim, dim)``; column ``x`` is ``rate(x)``."""
+        i = torch.arange(self.dim)
+        return self.rate(i, dtype=dtype).T.contiguous()
+
+    @abc.abstractmethod
+    def rate(self, i: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Column ``i`` of ``Q``: forward rates out of ``i``. ``(*) -> (*, dim)``."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def transp_rate(self, i: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Row ``i`` of ``Q``: forward rates into ``i``. ``(*) -> (*, dim)``."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Column ``i`` of ``exp(sigma Q)``: ``p(x_t = . | x_0 = i)``. ``(*) -> (*, dim)``."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def transp_transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Row ``i`` of ``exp(sigma Q)``: ``p(x_t = i | x_0 = .)``. ``(*) -> (*, dim)``."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def forward_marginal(self, p0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """``p_t = exp(sigma Q) p0`` for a distribution over real tokens.
+
+        ``p0`` ``(*, vocab_size)``, ``sigma`` broadcastable to ``p0.shape[:-1]`` ->
+        ``(*', dim)`` (the broadcast batch shape).
+        """
+        raise NotImplementedError
+
+    def sample_transition(self, i: torch.Tensor, sigma: torch.Tensor | float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``x_t ~ p(. | x_0 = i)``. ``i`` (*), ``sigma`` broadcastable -> (*) long."""
+        return sample_categorical(self.transition(i, sigma), generator)
+
+    def reverse_rate(self, i: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Reverse rates out of ``i``: ``Q[i, y] s_y`` off the diagonal, rows sum to 0.
+
+        ``i`` (*), ``score`` (*, dim) (scores, not log-scores) -> (*, dim).
+        """
+        rate = self.transp_rate(i, dtype=score.dtype) * score
+        rate = rate.scatter(-1, i[..., None], 0.0)
+        return rate.scatter(-1, i[..., None], -rate.sum(dim=-1, keepdim=True))
+
+    def sample_rate(self, i: torch.Tensor, rate: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """One Euler jump: draw from ``onehot(i) + rate`` (negatives clamped, renormalised).
+
+        ``i`` (*), ``rate`` (*, dim) already multiplied by the step -> (*) long.
+        """
+        probs = rate.scatter_add(-1, i[..., None], torch.ones_like(rate[..., :1]))
+        return sample_categorical(probs, generator)
+
+    @abc.abstractmethod
+    def staggered_score(self, score: torch.Tensor, dsigma: torch.Tensor | float) -> torch.Tensor:
+        """``exp(-dsigma Q) s``: the ratio ``p_{sigma - dsigma}(y) / p_sigma(x)``.
+
+        ``score`` (*, dim), ``dsigma`` broadcastable to ``score.shape[:-1]`` -> (*, dim).
+        """
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def sample_limit(self, *batch_dims: int, device: torch.device | str | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw from the limit ``sigma -> inf``. -> LongTensor ``batch_dims``."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
+                      x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Denoising score entropy in nats, ``>= 0`` (see the class docstring).
+
+        ``log_score`` (*, dim), ``sigma`` (> 0) broadcastable to ``x``'s shape, ``x = x_t``
+        and ``x0`` (*) -> (*). Computed in float32 at least (float64 stays float64).
+        The log-score at ``x_t`` itself is ignored.
+        """
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        """The ELBO's prior term at total noise ``sigma_bar``, per position, in nats.
+
+        ``x0`` (*), ``sigma_bar`` broadcastable -> (*).
+        """
+        raise NotImplementedError
+
+
+def _score_dtype(log_score: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(log_score.dtype, torch.float32)
+
+
+@GRAPHS.register("uniform")
+class Uniform(Graph):
+    r"""Every token jumps to every other at rate ``1/N``: ``Q = (1 1^T - N I) / N``.
+
+    ``exp(sigma Q) = e^{-sigma} I + (1 - e^{-sigma}) 1 1^T / N`` (symmetric); the limit is
+    uniform over the ``N`` tokens. With ``E = expm1(sigma)`` the true ratios are
+    ``rho = E / (E + N)`` for every ``y`` when ``x_t = x_0``, and, when ``x_t != x_0``,
+    ``1 / rho = 1 + N / E`` for ``y = x_0`` and ``1`` otherwise. So
+
+    - ``x_t = x_0``:  ``SE = (rho/N) sum_{y != x_t} phi(l_y - log rho)``
+      ``= (1/N) sum e^{l_y} - (rho/N) sum l_y + ((N-1)/N) K(rho)``
+    - ``x_t != x_0``: ``SE = (1/(N rho)) phi(l_{x_0} + log rho) + (1/N) sum_{y != x_t, x_0} phi(l_y)``
+      ``= (1/N) sum e^{l_y} - (1/N) sum l_y - l_{x_0}/E + (1/N)(K(1 + N/E) - (N - 2))``
+
+    ``rho`` is computed as ``E / (E + N)``, never ``1 - N / (E + N)`` (0 in float32 for
+    ``sigma`` below ~1.5e-3).
+    """
+
+    @property
+    def dim(self) -> int:
+        return self.vocab_size
+
+    def rate(self, i: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        n = self.dim
+        dtype = dtype or torch.get_default_dtype()
+        out = torch.full((*i.shape, n), 1.0 / n, dtype=dtype, device=i.device)
+        return out.scatter_(-1, i[..., None], -(n - 1) / n)
+
+    def transp_rate(self, i: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.rate(i, dtype)
+
+    def transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = _as_float(sigma, i)
+        shape = torch.broadcast_shapes(i.shape, sigma.shape)
+        move = -torch.expm1(-sigma.expand(shape))[..., None]  # 1 - e^{-sigma}
+        stay = torch.exp(-sigma.expand(shape))[..., None]
+        out = (move / self.dim).expand(*shape, self.dim)
+        return out + stay * _onehot(i.expand(shape), self.dim, out.dtype)
+
+    def transp_transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        return self.transition(i, sigma)
+
+    def forward_marginal(self, p0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = _as_float(sigma, p0)[..., None]
+        return torch.exp(-sigma) * p0 - torch.expm1(-sigma) / self.dim
+
+    def sample_transition(self, i: torch.Tensor, sigma: torch.Tensor | float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        sigma = _as_float(sigma, i)
+        shape = torch.broadcast_shapes(i.shape, sigma.shape)
+        move_chance = -torch.expm1(-sigma.to(torch.float64))
+        move = _rand(shape, generator, i.device) < move_chance
+        gen_device = generator.device if generator is not None else i.device
+        other = torch.randint(0, self.dim, shape, generator=generator, device=gen_device)
+        return torch.where(move, other.to(i.device), i)
+
+    def staggered_score(self, score: torch.Tensor, dsigma: torch.Tensor | float) -> torch.Tensor:
+        dsigma = _as_float(dsigma, score)[..., None]
+        # exp(-d Q) = e^d I + (1 - e^d) 1 1^T / N
+        return torch.exp(dsigma) * score - torch.expm1(dsigma) * score.mean(-1, keepdim=True)
+
+    def sample_limit(self, *batch_dims: int, device: torch.device | str | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        gen_device = generator.device if generator is not None else device
+        x = torch.randint(0, self.dim, batch_dims, generator=generator, device=gen_device)
+        return x.to(device)
+
+    def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
+                      x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        n = self.dim
+        ls = log_score.to(_score_dtype(log_score))
+        sigma = _as_float(sigma, x).to(ls.dtype)
+        shape = torch.broadcast_shapes(x.shape, sigma.shape)
+        e = torch.expm1(sigma.expand(shape))
+        rho = e / (e + n)
+        log_rho = torch.log(rho)
+        same = (x == x0)[..., None]
+        is_xt = _onehot(x.expand(shape), n, torch.bool)
+        is_x0 = _onehot(x0.expand(shape), n, torch.bool)
+        # per-y true ratio r_y and weight Q[x_t, y] r_y (Q[x_t, y] = 1/N off the diagonal)
+        log_r = torch.where(same, log_rho[..., None], torch.where(is_x0, -log_rho[..., None], 0.0))
+        weight = torch.where(same, (rho / n)[..., None],
+                             torch.where(is_x0, (1.0 / (n * rho))[..., None], 1.0 / n))
+        ls = torch.where(is_xt, log_r, ls)  # x_t's own entry: safe, masked below
+        terms = torch.where(is_xt, 0.0, weight * _phi(ls - log_r))
+        return terms.sum(dim=-1)
+
+    def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        """Exact ``KL(p(. | x_0) at sigma_bar || uniform)``. ``x0`` (*) -> (*)."""
+        n = self.dim
+        sb = _as_float(sigma_bar, x0)
+        out_dtype = sb.dtype
+        sb = sb.to(torch.float64).expand(torch.broadcast_shapes(x0.shape, sb.shape))
+        stay = torch.exp(-sb)
+        move = -torch.expm1(-sb)  # N q = 1 - e^{-sigma}, q = p(y != x_0)
+        log_move = torch.where(sb < math.log(2), torch.log(move), torch.log1p(-stay))
+        p = stay + move / n
+        kl = p * torch.log1p((n - 1) * stay) + (n - 1) * (move / n) * log_move
+        return kl.clamp_min(0.0).to(out_dtype)
+
+
+@GRAPHS.register("absorb")
+class Absorbing(Graph):
+    r"""Every token jumps to the mask (id ``N``) at rate 1; the mask never leaves.
+
+    ``Q = e_mask 1_N^T - diag(1_N, 0)``. Column ``x`` of ``exp(sigma Q)`` puts
+    ``e^{-sigma}`` on ``x`` and ``1 - e^{-sigma}`` on the mask; the limit is all-mask.
+    Only a masked ``x_t`` has incoming neighbours (``Q[mask, y] = 1``); the true ratios
+    are ``1/E`` (``E = expm1(sigma)``) for ``y = x_0`` and 0 for other tokens, so
+
+        SE = (1/E) phi(l_{x_0} + log E) + sum_{y != x_0, mask} e^{l_y}
+           = sum_{y != mask} e^{l_y} - l_{x_0}/E + K(1/E)
+
+    at masked positions, and 0 elsewhere. By RADD, the true score at a masked position is
+    ``p(x_0 = y | unmasked) / E``.
+    """
+
+    @property
+    def dim(self) -> int:
+        return self.vocab_size + 1
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    def rate(self, i: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or torch.get_default_dtype()
+        out = _onehot(torch.full_like(i, self.mask_id), self.dim, dtype)
+        return out - _onehot(i, self.dim, dtype)
+
+    def transp_rate(self, i: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or torch.get_default_dtype()
+        into_mask = torch.ones(self.dim, dtype=dtype, device=i.device)
+        into_mask[self.mask_id] = 0.0
+        is_mask = (i == self.mask_id)[..., None]
+        return torch.where(is_mask, into_mask, -_onehot(i, self.dim, dtype))
+
+    def transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = _as_float(sigma, i)
+        shape = torch.broadcast_shapes(i.shape, sigma.shape)
+        i = i.expand(shape)
+        stay = torch.exp(-sigma.expand(shape))
+        stay = torch.where(i == self.mask_id, 1.0, stay)[..., None]
+        on_i = _onehot(i, self.dim, stay.dtype)
+        on_mask = _onehot(torch.full_like(i, self.mask_id), self.dim, stay.dtype)
+        return stay * on_i + (1.0 - stay) * on_mask
+
+    def transp_transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = _as_float(sigma, i)
+        shape = torch.broadcast_shapes(i.shape, sigma.shape)
+        i = i.expand(shape)
+        stay = torch.exp(-sigma.expand(shape))[..., None]
+        move = -torch.expm1(-sigma.expand(shape))[..., None]
+        # row mask: 1 - e^{-sigma} from every token, 1 from the mask itself
+        row_mask = move.expand(*shape, self.dim).clone()
+        row_mask[..., self.mask_id] = 1.0
+        row_token = stay * _onehot(i, self.dim, stay.dtype)
+        return torch.where((i == self.mask_id)[..., None], row_mask, row_token)
+
+    def forward_marginal(self, p0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = _as_float(sigma, p0)[..., None]
+        tokens = torch.exp(-sigma) * p0
+        mask = (-torch.expm1(-sigma)).expand(*tokens.shape[:-1], 1)
+        return torch.cat([tokens, mask], dim=-1)
+
+    def sample_transition(self, i: torch.Tensor, sigma: torch.Tensor | float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        sigma = _as_float(sigma, i)
+        shape = torch.broadcast_shapes(i.shape, sigma.shape)
+        move_chance = -torch.expm1(-sigma.to(torch.float64))
+        move = _rand(shape, generator, i.device) < move_chance
+        return torch.where(move, self.mask_id, i)
+
+    def staggered_score(self, score: torch.Tensor, dsigma: torch.Tensor | float) -> torch.Tensor:
+        dsigma = _as_float(dsigma, score)[..., None]
+        # exp(-d Q): tokens scale by e^d; the mask gains (1 - e^d) sum_{tokens} s
+        tokens = torch.exp(dsigma) * score[..., :-1]
+        mask = score[..., -1:] - torch.expm1(dsigma) * score[..., :-1].sum(-1, keepdim=True)
+        return torch.cat([tokens, mask], dim=-1)
+
+    def sample_limit(self, *batch_dims: int, device: torch.device | str | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.full(batch_dims, self.mask_id, dtype=torch.long, device=device)
+
+    def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
+                      x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        ls = log_score.to(_score_dtype(log_score))
+        sigma = _as_float(sigma, x).to(ls.dtype)
+        shape = torch.broadcast_shapes(x.shape, sigma.shape)
+        e = torch.expm1(sigma.expand(shape))[..., None]
+        masked = (x == self.mask_id).expand(shape)[..., None]
+        is_x0 = _onehot(x0.expand(shape), self.dim, torch.bool)
+        # unmasked positions and the mask column contribute nothing; zero their input so
+        # that exp() there can neither overflow nor leak NaN gradients through where()
+        keep = masked & torch.ones_like(is_x0)
+        keep[..., self.mask_id] = False
+        ls = torch.where(keep, ls, 0.0)
+        terms = torch.where(is_x0, _phi(ls + torch.log(e)) / e, torch.exp(ls))
+        return torch.where(keep, terms, 0.0).sum(dim=-1)
+
+    def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        """``-log(1 - e^{-sigma_bar})``: the cost of starting the reverse chain at all-mask.
+
+        The exact KL to the all-mask limit is infinite (a token survives with probability
+        ``e^{-sigma_bar}``); this is the standard approximation that conditions on every
+        position being masked at the end of the forward process. ``x0`` (*) -> (*).
+        """
+        sb = _as_float(sigma_bar, x0)
+        out_dtype = sb.dtype
+        sb = sb.to(torch.float64).expand(torch.broadcast_shapes(x0.shape, sb.shape))
+        return (-torch.log(-torch.expm1(-sb))).to(out_dtype)

@@ -1,0 +1,159 @@
+"""Ray Train: the plain trainer on many workers and nodes, surviving worker failures.
+
+    result = launch(cfg, name="absorb-run", storage="/shared/runs", num_workers=2)
+
+Uses the Ray Train V2 API of Ray >= 2.60: a ``TorchTrainer`` whose per-worker function
+runs :func:`sedd_ray.trainer.train`. Ray initialises the process group (gloo on CPU,
+nccl on GPU); the trainer wraps the model in DDP, shards the data by rank and reports
+on every rank at the same steps (``ray.train.report`` is a barrier), rank 0 attaching
+its checkpoint. Ray persists each checkpoint to ``<storage>/<name>/ckpt-<step>`` and, on a
+worker failure, restarts the worker group from the latest one (``FailureConfig``).
+Running again with the same ``name`` and ``storage`` resumes the run.
+
+Storage may be a local path or any URI ``pyarrow.fs`` understands (``s3://``,
+``gs://``), so every node of a multi-node cluster sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sedd_ray.config import RunConfig
+
+# Environment variables a worker on any node needs to see like the driver does.
+FORWARDED_ENV = (
+    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "WANDB_MODE", "WANDB_API_KEY",
+    "WANDB_DIR", "SEDD_RAY_CACHE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+)
+# Tune overwrites these metric names (see RAY_NOTES); never report them.
+_RESERVED = {"pid", "hostname", "node_ip", "date", "timestamp", "done"}
+
+
+class LaunchError(RuntimeError):
+    """A Ray Train run failed for good; the message carries the worker's error."""
+
+
+def is_local_path(storage: str) -> bool:
+    return "://" not in storage or storage.startswith("file://")
+
+
+def _worker_fn(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: resume from Ray's checkpoint, train, report."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from sedd_ray.trainer import Trainer
+
+    cfg = RunConfig.from_dict(config["run_config"])
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    if config.get("node_log"):  # tests: where did each rank run, and as which pid
+        path = Path(config["node_log"]) / f"rank{ctx.get_world_rank()}.txt"
+        with open(path, "a") as f:
+            f.write(f"{ray.get_runtime_context().get_node_id()} {os.getpid()}\n")
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        metrics = {k: v for k, v in metrics.items() if k not in _RESERVED}
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(
+            metrics, checkpoint=checkpoint,
+            checkpoint_dir_name=Path(checkpoint_dir).name if checkpoint_dir else None,
+            delete_local_checkpoint_after_upload=False,
+        )
+
+    output = config["output_dir"] or tempfile.mkdtemp(prefix="sedd-ray-")
+    trainer = Trainer(cfg, output, report, device=device, run_name=config["name"],
+                      group=config.get("group"))
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            trainer.load(d)
+    result = trainer.run(resume=False)
+    del result  # everything the driver needs went through ray.train.report
+
+
+def launch(
+    cfg: RunConfig, *, name: str, storage: str, num_workers: int = 1,
+    gpus_per_worker: float = 0, cpus_per_worker: float = 1, address: str | None = None,
+    max_failures: int = 2, resume: bool = True, callbacks: list[Any] | None = None,
+    placement_strategy: str = "PACK", group: str | None = None, node_log: str | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` with Ray Train; returns the final metrics plus ``run_dir`` and
+    ``checkpoint_dir``. Raises :class:`LaunchError` with the worker's error when the run
+    fails after ``max_failures`` retries. ``callbacks`` go to the Train ``RunConfig``
+    (a study passes ``TuneReportCallback``)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg.validate()
+    if num_workers < 1:
+        raise LaunchError(f"num_workers must be >= 1, got {num_workers}")
+    if cfg.train.batch_size % num_workers:
+        raise LaunchError(f"batch_size {cfg.train.batch_size} is not divisible by "
+                          f"num_workers {num_workers}; change --batch-size")
+    use_gpu = gpus_per_worker > 0
+    if use_gpu and cfg.train.device == "cpu":
+        raise LaunchError("--gpus-per-worker > 0 with --device cpu; drop one of them")
+    if is_local_path(storage):
+        storage = os.path.abspath(storage.removeprefix("file://"))
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        if not os.access(storage, os.W_OK):
+            raise LaunchError(f"storage {storage} is not writable; pass a writable --storage")
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    if not resume and is_local_path(storage) and Path(run_dir).exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        ray.init(address=address, log_to_driver=True)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        _worker_fn,
+        train_loop_config={
+            "run_config": cfg.to_dict(), "use_gpu": use_gpu, "name": name, "group": group,
+            # Trainer logs (metrics.jsonl, samples) next to Ray's run folder when local.
+            "output_dir": f"{run_dir}/trainer" if is_local_path(storage) else None,
+            "node_log": node_log,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks or None,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+    print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise LaunchError(f"run {name!r} failed: {_worker_error(e)} (run folder {run_dir})") from e
+    metrics = dict(result.metrics or {})
+    metrics["run_dir"] = run_dir
+    metrics["checkpoint_dir"] = result.checkpoint.path if result.checkpoint else None
+    print(f"Ray Train run {name!r} finished: final checkpoint {metrics['checkpoint_dir']}",
+          flush=True)
+    return metrics
+
+
+def _worker_error(e: Exception) -> str:
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        rank, err = sorted(failures.items())[0]
+        text = str(err).strip().splitlines()
+        # The last line of a worker traceback is the exception itself.
+        return f"worker rank {rank}: {text[-1] if text else type(err).__name__}"
+    return str(e).strip().splitlines()[-1]

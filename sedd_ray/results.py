@@ -1,0 +1,1006 @@
+"""Parquet results of sedd-ray studies: the only reader and writer of them.
+
+Layout, one folder per study under a storage root (a local path or a URI that
+``pyarrow.fs`` understands, e.g. ``s3://bucket/studies``)::
+
+    <storage>/<study>/trials.parquet                        one row per trial, rewritten whole
+    <storage>/<study>/history/part-<trial_id>-<seq>.parquet  per-step metrics, append-only parts
+
+Every file is written under a temporary name that starts with ``.`` and ends with
+``.tmp`` in the same folder, then renamed into place (``os.replace`` locally, ``move``
+on other filesystems). pyarrow's dataset discovery skips names starting with ``.`` or
+``_`` (its default ``ignore_prefixes``) and a ``*.parquet`` glob (duckdb) skips ``.tmp``,
+so no reader ever finds a half-written file under a name it would take::
+
+    read_trials(storage, study), read_history(storage, study)    # safe at any moment
+    pq.ParquetFile("<storage>/<study>/trials.parquet").read()    # safe at any moment
+    pd.read_parquet("<storage>/<study>/history")                 # safe; raw parts, no dedup
+    pd.read_parquet("<storage>/<study>/trials.parquet")          # safe once the study is done
+
+One caveat, pyarrow's and not ours: ``pq.read_table(file)`` (so ``pd.read_parquet(file)``)
+opens a single file twice, reading the footer from the first open and the pages from
+the second; if the writer renames a new version in between, that read fails with an
+``OSError`` (never returns wrong data). History parts are never rewritten, so only
+``trials.parquet`` of a running study is affected: read it with :func:`read_trials` or
+``pq.ParquetFile`` (one open handle), or retry.
+
+Each table has ONE fixed, explicit schema (:data:`TRIALS_SCHEMA`, :data:`HISTORY_SCHEMA`);
+nothing is inferred, so parts always read together. The config columns of the trials
+table are derived from the :mod:`sedd_ray.config` dataclasses (see :func:`config_columns`):
+a new config field becomes a typed column with no change here.
+
+Column naming for config fields (``section.key`` -> column):
+
+- the section is dropped: ``optim.lr`` -> ``lr``, ``train.steps`` -> ``steps`` (planned steps;
+  ``step`` is the last step reached);
+- ``model.name`` -> ``model`` (the model size name);
+- a key that appears in two sections, or that equals a result column (``status``,
+  ``step``, ``val_nll``...), keeps its section as a prefix in EVERY section it appears
+  in: a ``data.seed`` next to ``train.seed`` gives ``data_seed`` and ``train_seed``.
+
+This module imports neither Ray nor torch (``experiments/`` analyse through it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import math
+import operator
+import os
+import re
+import threading
+import time
+import types
+import typing
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from sedd_ray.config import RunConfig
+
+__all__ = [
+    "FINISHED_STATUSES",
+    "HISTORY_SCHEMA",
+    "STATUSES",
+    "TRIALS_SCHEMA",
+    "ResultsError",
+    "ResultsWriter",
+    "best_trial",
+    "config_columns",
+    "get_trial",
+    "list_studies",
+    "read_history",
+    "read_trials",
+    "resolve_study",
+    "scrub",
+    "trial_row_from_config",
+    "trials_schema",
+]
+
+
+class ResultsError(ValueError):
+    """Results are missing, ambiguous or a value does not fit its column; says what to do."""
+
+
+STATUSES = ("running", "terminated", "stopped_early", "error")
+# Trials whose metrics are final: trained to the end, or stopped by the scheduler.
+FINISHED_STATUSES = ("terminated", "stopped_early")
+
+TRIALS_FILE = "trials.parquet"
+HISTORY_DIR = "history"
+REDACTED = "***"
+
+_UTC_US = pa.timestamp("us", tz="UTC")
+
+# --- schemas ---------------------------------------------------------------------------------
+
+# Trials columns before and after the config block (the config block is derived).
+_TRIALS_HEAD: list[pa.Field] = [
+    pa.field("study", pa.string(), nullable=False),
+    pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("ablated_axis", pa.string()),
+    pa.field("level", pa.string()),
+]
+_TRIALS_TAIL: list[pa.Field] = [
+    pa.field("n_params", pa.int64()),
+    pa.field("n_params_non_embedding", pa.int64()),
+    pa.field("step", pa.int64()),  # last step reached
+    pa.field("tokens_seen", pa.int64()),
+    pa.field("wall_time_s", pa.float64()),
+    pa.field("device_hours", pa.float64()),
+    pa.field("final_val_nll", pa.float64()),
+    pa.field("best_val_nll", pa.float64()),
+    pa.field("val_nll", pa.float64()),  # = best_val_nll: the column experiments compare
+    pa.field("val_ppl_bound", pa.float64()),
+    pa.field("val_nll_stderr", pa.float64()),
+    pa.field("test_nll", pa.float64()),
+    pa.field("test_ppl_bound", pa.float64()),
+    pa.field("test_nll_stderr", pa.float64()),
+    pa.field("true_nll", pa.float64()),  # synthetic sources only
+    pa.field("bound_gap", pa.float64()),  # synthetic sources only
+    pa.field("checkpoint_path", pa.string()),
+    pa.field("git_sha", pa.string()),
+    pa.field("torch_version", pa.string()),
+    pa.field("ray_version", pa.string()),
+    pa.field("start_time", _UTC_US),
+    pa.field("end_time", _UTC_US),
+    pa.field("extra", pa.string()),  # JSON object of every other key; "{}" when none
+]
+
+HISTORY_SCHEMA = pa.schema(
+    [
+        pa.field("study", pa.string(), nullable=False),
+        pa.field("trial_id", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64()),
+        pa.field("train_loss", pa.float64()),
+        pa.field("val_nll", pa.float64()),
+        pa.field("val_nll_stderr", pa.float64()),
+        pa.field("lr", pa.float64()),
+        pa.field("grad_norm", pa.float64()),
+        pa.field("tokens_per_s", pa.float64()),
+        pa.field("time_s", pa.float64()),
+        pa.field("timestamp", _UTC_US),
+        pa.field("extra", pa.string()),
+    ],
+    metadata={"sedd_ray.table": "history", "sedd_ray.schema_version": "1"},
+)
+
+# Config keys whose column name is chosen by hand.
+_CONFIG_ALIASES = {"model.name": "model"}
+_RESERVED = {f.name for f in _TRIALS_HEAD + _TRIALS_TAIL} | set(_CONFIG_ALIASES.values())
+
+
+@dataclass(frozen=True)
+class _TrialsLayout:
+    schema: pa.Schema
+    config_columns: dict[str, str]  # flat config key "section.key" -> column
+    kinds: dict[str, str]  # column -> int | float | bool | str | json | timestamp
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    """``X | None`` -> X; ``Literal["a", "b"]`` -> str (the type of its values)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap_optional(args[0])
+    if origin is typing.Literal:
+        kinds = {type(a) for a in typing.get_args(tp)}
+        if len(kinds) == 1:
+            return kinds.pop()
+    return tp
+
+
+def _config_leaves(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(flat key, python type)`` for every scalar field, walking nested dataclasses."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            out.extend(_config_leaves(tp, prefix + f.name + "."))
+        else:
+            out.append((prefix + f.name, tp))
+    return out
+
+
+_PY_TO_ARROW = {
+    bool: ("bool", pa.bool_()),
+    int: ("int", pa.int64()),
+    float: ("float", pa.float64()),
+    str: ("str", pa.string()),
+}
+
+
+def _kind_of(arrow_type: pa.DataType) -> str:
+    if pa.types.is_boolean(arrow_type):
+        return "bool"
+    if pa.types.is_integer(arrow_type):
+        return "int"
+    if pa.types.is_floating(arrow_type):
+        return "float"
+    if pa.types.is_timestamp(arrow_type):
+        return "timestamp"
+    return "str"
+
+
+@functools.cache
+def _layout(config_cls: type) -> _TrialsLayout:
+    leaves = _config_leaves(config_cls)
+    leaf_count: dict[str, int] = {}
+    for key, _ in leaves:
+        leaf_count[key.rsplit(".", 1)[-1]] = leaf_count.get(key.rsplit(".", 1)[-1], 0) + 1
+    cols: dict[str, str] = {}
+    fields: list[pa.Field] = []
+    kinds: dict[str, str] = {}
+    for key, tp in leaves:
+        leaf = key.rsplit(".", 1)[-1]
+        if key in _CONFIG_ALIASES:
+            col = _CONFIG_ALIASES[key]
+        elif "." in key and (leaf_count[leaf] > 1 or leaf in _RESERVED):
+            col = key.replace(".", "_")
+        else:
+            col = leaf
+        if col in kinds or (col in _RESERVED and key not in _CONFIG_ALIASES):
+            raise TypeError(
+                f"config field {key!r} maps to column {col!r}, which is already taken; add an "
+                "entry to sedd_ray.results._CONFIG_ALIASES"
+            )
+        # Non-scalar config types (lists, dicts) are stored as a JSON string column.
+        kind, arrow_type = _PY_TO_ARROW.get(tp, ("json", pa.string()))
+        cols[key] = col
+        kinds[col] = kind
+        fields.append(pa.field(col, arrow_type))
+    for f in _TRIALS_HEAD + _TRIALS_TAIL:
+        kinds[f.name] = _kind_of(f.type)
+    schema = pa.schema(
+        _TRIALS_HEAD + fields + _TRIALS_TAIL,
+        metadata={"sedd_ray.table": "trials", "sedd_ray.schema_version": "1"},
+    )
+    return _TrialsLayout(schema=schema, config_columns=cols, kinds=kinds)
+
+
+def trials_schema(config_cls: type = RunConfig) -> pa.Schema:
+    """The trials table schema for a run-config dataclass (default :class:`RunConfig`)."""
+    return _layout(config_cls).schema
+
+
+def config_columns(config_cls: type = RunConfig) -> dict[str, str]:
+    """Flat config key (``"optim.lr"``) -> trials column (``"lr"``), in schema order."""
+    return dict(_layout(config_cls).config_columns)
+
+
+TRIALS_SCHEMA = trials_schema()
+_HISTORY_KINDS = {f.name: _kind_of(f.type) for f in HISTORY_SCHEMA}
+
+# --- secrets ---------------------------------------------------------------------------------
+
+# A wandb API key: 40 hex characters not inside a longer hex run.
+_HEX40 = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{40}(?![0-9A-Fa-f])")
+# Env var names that hold secrets: HF_TOKEN, AWS_SECRET_ACCESS_KEY, OPENAI_API_KEY...
+_SECRET_ENV = re.compile(
+    r"(^|_)(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)",
+    re.IGNORECASE,
+)
+
+
+def _env_secrets() -> list[str]:
+    """Values of WANDB_API_KEY and other secret-looking env vars (>= 8 chars), longest first."""
+    vals = {
+        v
+        for k, v in os.environ.items()
+        if (k == "WANDB_API_KEY" or _SECRET_ENV.search(k)) and len(v) >= 8
+    }
+    return sorted(vals, key=len, reverse=True)
+
+
+def _scrub(value: Any, secrets: list[str], hex40: bool) -> Any:
+    if isinstance(value, str):
+        for s in secrets:
+            value = value.replace(s, REDACTED)
+        return _HEX40.sub(REDACTED, value) if hex40 else value
+    if isinstance(value, Mapping):
+        return {_scrub(k, secrets, hex40): _scrub(v, secrets, hex40) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_scrub(v, secrets, hex40) for v in value]
+    return value
+
+
+def scrub(value: Any) -> Any:
+    """Replace secrets in ``value`` (str, or dict/list of them, recursively) with ``***``.
+
+    Removes the value of ``WANDB_API_KEY`` (and of any env var whose name looks like a
+    key, token, secret or password, 8+ characters) and anything that looks like a wandb
+    key (40 hex characters). Applied to the ``error`` and ``extra`` columns; the exact
+    env values are also removed from every other string column (not the 40-hex rule:
+    ``git_sha`` is 40 hex characters).
+    """
+    return _scrub(value, _env_secrets(), hex40=True)
+
+
+# --- coercion --------------------------------------------------------------------------------
+
+
+def _is_null(v: Any) -> bool:
+    return v is None or v is pd.NA or v is pd.NaT
+
+
+def _fail(col: str, value: Any, want: str) -> ResultsError:
+    return ResultsError(
+        f"column {col!r}: cannot store {value!r} ({type(value).__name__}) as {want}"
+    )
+
+
+def _scalar(col: str, value: Any, want: str) -> Any:
+    """Unwrap numpy / torch scalars (anything with ``.item()``)."""
+    try:
+        return value.item()
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        raise _fail(col, value, want) from None
+
+
+def _to_int(col: str, v: Any) -> int | None:
+    if isinstance(v, bool):
+        raise _fail(col, v, "int64")
+    if isinstance(v, int):
+        out = v
+    elif isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if not v.is_integer():
+            raise _fail(col, v, "int64 (it has a fractional part)")
+        out = int(v)
+    elif isinstance(v, str):
+        try:
+            f = float(v.strip())
+        except ValueError:
+            raise _fail(col, v, "int64") from None
+        return _to_int(col, f)
+    elif hasattr(v, "__index__"):
+        out = operator.index(v)
+    else:
+        return _to_int(col, _scalar(col, v, "int64"))
+    if not -(2**63) <= out < 2**63:
+        raise _fail(col, v, "int64 (out of range)")
+    return out
+
+
+def _to_float(col: str, v: Any) -> float:
+    if isinstance(v, bool):
+        raise _fail(col, v, "float64")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            raise _fail(col, v, "float64") from None
+    return _to_float(col, _scalar(col, v, "float64"))
+
+
+def _to_bool(col: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.strip().lower() in ("true", "1", "yes")
+    if isinstance(v, (int, float, str)):
+        raise _fail(col, v, "bool")
+    return _to_bool(col, _scalar(col, v, "bool"))  # numpy / torch scalars
+
+
+def _to_str(col: str, v: Any) -> str:
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, (bool, int, float)):
+        return str(v)
+    if hasattr(v, "item"):
+        return _to_str(col, _scalar(col, v, "string"))
+    raise _fail(col, v, "string")
+
+
+def _to_timestamp(col: str, v: Any) -> _dt.datetime | None:
+    """datetime (naive = local time, Python's convention), epoch seconds, or ISO string."""
+    if isinstance(v, pd.Timestamp):
+        v = v.to_pydatetime()
+    if isinstance(v, _dt.datetime):
+        return v.astimezone(_dt.timezone.utc)
+    if isinstance(v, bool):
+        raise _fail(col, v, "timestamp")
+    if isinstance(v, (int, float)):
+        if math.isnan(v):
+            return None
+        return _dt.datetime.fromtimestamp(v, tz=_dt.timezone.utc)
+    if isinstance(v, str):
+        try:
+            return _dt.datetime.fromisoformat(v.strip().replace("Z", "+00:00")).astimezone(
+                _dt.timezone.utc
+            )
+        except ValueError:
+            raise _fail(col, v, "timestamp (ISO 8601)") from None
+    try:
+        return pd.Timestamp(v).to_pydatetime().astimezone(_dt.timezone.utc)  # np.datetime64
+    except (TypeError, ValueError):
+        raise _fail(col, v, "timestamp") from None
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, _dt.datetime):
+        return v.isoformat()
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _jsonable(dataclasses.asdict(v))
+    if _is_null(v):
+        return None
+    if hasattr(v, "item"):
+        try:
+            return _jsonable(v.item())
+        except (TypeError, ValueError, RuntimeError):
+            pass  # a multi-element array: fall through to tolist / str
+    if hasattr(v, "tolist"):
+        return _jsonable(v.tolist())
+    return str(v)
+
+
+def _to_json(col: str, v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(_jsonable(v), sort_keys=True)
+
+
+_COERCE = {
+    "int": _to_int,
+    "float": _to_float,
+    "bool": _to_bool,
+    "str": _to_str,
+    "json": _to_json,
+    "timestamp": _to_timestamp,
+}
+
+
+def _coerce(col: str, kind: str, v: Any) -> Any:
+    if _is_null(v):
+        return None
+    if kind != "float" and isinstance(v, float) and math.isnan(v):
+        return None
+    return _COERCE[kind](col, v)
+
+
+def _extra_dict(col_value: Any) -> dict[str, Any]:
+    """An ``extra`` value given by the caller or read back: a dict or a JSON object string."""
+    if _is_null(col_value):
+        return {}
+    if isinstance(col_value, Mapping):
+        return dict(col_value)
+    if isinstance(col_value, str):
+        try:
+            parsed = json.loads(col_value) if col_value.strip() else {}
+        except json.JSONDecodeError:
+            return {"extra": col_value}
+        return parsed if isinstance(parsed, dict) else {"extra": parsed}
+    raise _fail("extra", col_value, "a dict or a JSON object string")
+
+
+def _dump_extra(extra: Mapping[str, Any], secrets: list[str]) -> str:
+    return json.dumps(
+        _scrub(_jsonable(extra), secrets, hex40=True), sort_keys=True, allow_nan=False
+    )
+
+
+# --- names, paths, filesystems ---------------------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
+
+
+def _check_name(what: str, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ResultsError(
+            f"invalid {what} {name!r}: use letters, digits and _ . = + - (not starting with "
+            "'.', '_' or '-', no '..' and no '/')"
+        )
+    return name
+
+
+def _fs(storage: str | os.PathLike) -> tuple[pafs.FileSystem, str, bool]:
+    """``(filesystem, root path, is_local)`` for a local path or a pyarrow.fs URI."""
+    s = os.fspath(storage)
+    if "://" in s:
+        fs, path = pafs.FileSystem.from_uri(s)
+        return fs, path.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(s)), True
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> pafs.FileType:
+    return fs.get_file_info(path).type
+
+
+def _atomic_write(fs: pafs.FileSystem, local: bool, path: str, table: pa.Table) -> None:
+    """Write ``table`` to ``path`` through a hidden temp file in the same folder + rename."""
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        if local:
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(tmp) as f:
+                pq.write_table(table, f)
+            fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass  # never created or already renamed
+        raise
+
+
+def _read_file(fs: pafs.FileSystem, path: str) -> pa.Table:
+    """Read one Parquet file through ONE open handle.
+
+    ``pq.read_table(path)`` (and so ``pd.read_parquet(path)``) opens a single file twice,
+    footer first and pages second, reusing the first footer: a rename in between makes it
+    fail ("Page was smaller than expected"). One handle always sees one version.
+    """
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read()
+
+
+def _study_dir(storage: str | os.PathLike, study: str) -> tuple[pafs.FileSystem, str, bool]:
+    fs, root, local = _fs(storage)
+    return fs, f"{root}/{_check_name('study name', study)}", local
+
+
+_PART = re.compile(r"part-(?P<trial>.+)-(?P<seq>\d+)\.parquet")
+
+
+def _history_parts(fs: pafs.FileSystem, hist: str) -> list[tuple[str, int, str]]:
+    """``(trial_id, seq, path)`` of every finished part, sorted by trial then seq."""
+    infos = fs.get_file_info(pafs.FileSelector(hist, allow_not_found=True))
+    parts = []
+    for info in infos:
+        m = _PART.fullmatch(info.base_name)
+        if info.type == pafs.FileType.File and m:
+            parts.append((m["trial"], int(m["seq"]), info.path))
+    return sorted(parts)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """Cast to ``schema``: add missing columns as nulls; keep unknown columns at the end."""
+    arrays, fields = [], []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table[f.name]
+            try:
+                arrays.append(col.cast(f.type) if col.type != f.type else col)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ResultsError(
+                    f"{where}: column {f.name!r} of type {col.type} cannot be read as {f.type}: {e}"
+                ) from None
+        else:
+            arrays.append(pa.nulls(len(table), f.type))
+        fields.append(f)
+    for name in table.column_names:
+        if name not in schema.names:
+            arrays.append(table[name])
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=schema.metadata))
+
+
+# --- writer ----------------------------------------------------------------------------------
+
+
+class ResultsWriter:
+    """Writes one study's trials and history; used by the study's Tune callback (driver).
+
+    - :meth:`upsert_trial` keeps exactly one row per ``trial_id`` and rewrites
+      ``trials.parquet`` at once (atomically). Re-opening a study (resume) loads the
+      existing rows, so they are kept and updated, never duplicated.
+    - :meth:`append_history` buffers rows and writes a new part per trial when
+      ``history_flush_rows`` rows are buffered or ``history_flush_s`` seconds passed since
+      the last part, and on :meth:`flush` / :meth:`close`. Readers dedup history on
+      ``(trial_id, step)`` keeping the last written, so a re-run trial counts each step once.
+
+    One writer per study at a time; a lock makes it safe across the driver's threads.
+    Unknown keys of a row go into its ``extra`` JSON; missing columns are null; values are
+    coerced to the column type or a :class:`ResultsError` names the column.
+    """
+
+    def __init__(
+        self,
+        storage: str | os.PathLike,
+        study: str,
+        *,
+        config_cls: type = RunConfig,
+        history_flush_rows: int = 1000,
+        history_flush_s: float = 60.0,
+    ) -> None:
+        self.study = _check_name("study name", study)
+        self.storage = os.fspath(storage)
+        self._fs, self.path, self._local = _study_dir(storage, study)
+        self.trials_path = f"{self.path}/{TRIALS_FILE}"
+        self.history_path = f"{self.path}/{HISTORY_DIR}"
+        self._layout = _layout(config_cls)
+        self._config_cls = config_cls
+        self._flush_rows = history_flush_rows
+        self._flush_s = history_flush_s
+        self._lock = threading.RLock()
+        self._trials: dict[str, dict[str, Any]] = {}  # trial_id -> typed row, extra as dict
+        self._history: dict[str, list[dict[str, Any]]] = {}
+        self._buffered = 0
+        self._last_part = time.monotonic()
+        self._fs.create_dir(self.history_path, recursive=True)
+        self._next_seq: dict[str, int] = {}
+        for trial, seq, _ in _history_parts(self._fs, self.history_path):
+            self._next_seq[trial] = max(self._next_seq.get(trial, 0), seq + 1)
+        if _exists(self._fs, self.trials_path) == pafs.FileType.File:
+            self._load_trials()
+
+    # -- trials --
+    def _load_trials(self) -> None:
+        table = _read_file(self._fs, self.trials_path)
+        schema_names = set(self._layout.schema.names)
+        for rec in table.to_pylist():
+            extra = _extra_dict(rec.pop("extra", None))
+            # Columns this schema no longer has (a removed config field) move into extra.
+            for k in [k for k in rec if k not in schema_names]:
+                v = rec.pop(k)
+                if v is not None:
+                    extra.setdefault(k, v)
+            row = self._typed_trial(rec, secrets=[], where=self.trials_path)
+            row["extra"] = extra
+            self._trials[row["trial_id"]] = row
+
+    def _typed_trial(
+        self, row: Mapping[str, Any], secrets: list[str], where: str
+    ) -> dict[str, Any]:
+        """Coerce the known columns of ``row``; everything else goes to ``row['extra']``."""
+        kinds = self._layout.kinds
+        cfg_cols = self._layout.config_columns
+        out: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in row.items():
+            if key == "config":
+                out.update(trial_row_from_config(value, config_cls=self._config_cls))
+            elif key == "extra":
+                extra.update(_extra_dict(value))
+            elif key in kinds:
+                out[key] = _coerce(key, kinds[key], value)
+            elif key in cfg_cols:
+                col = cfg_cols[key]
+                out[col] = _coerce(col, kinds[col], value)
+            else:
+                extra[key] = value
+        for col, v in out.items():
+            # Exact env secret values leave every string column; 40-hex runs only leave
+            # `error` (git_sha is 40 hex characters).
+            if (
+                isinstance(v, str)
+                and col not in ("study", "trial_id", "status")
+                and (secrets or col == "error")
+            ):
+                out[col] = _scrub(v, secrets, hex40=col == "error")
+        if "status" in out and out["status"] is not None:
+            status = out["status"].lower()
+            if status not in STATUSES:
+                raise ResultsError(
+                    f"{where}: column 'status' must be one of "
+                    f"{', '.join(STATUSES)}; got {out['status']!r}"
+                )
+            out["status"] = status
+        out["extra"] = extra
+        return out
+
+    def upsert_trial(self, row: Mapping[str, Any], *, merge: bool = True) -> dict[str, Any]:
+        """Insert or update the row of ``row["trial_id"]`` and rewrite ``trials.parquet``.
+
+        ``row`` maps column names (or flat config keys like ``"optim.lr"``) to values; a
+        ``"config"`` key may hold a :class:`RunConfig` or its ``to_dict()``/``flat()``,
+        expanded by :func:`trial_row_from_config`. With ``merge=True`` (default) the keys
+        given replace those of the stored row and the others keep their values (``extra``
+        is merged key by key); with ``merge=False`` the row is replaced whole. When
+        ``best_val_nll`` is given without ``val_nll``, ``val_nll`` is set to it. Returns a
+        copy of the stored row (``extra`` as a dict).
+        """
+        if "trial_id" not in row:
+            raise ResultsError("upsert_trial needs a 'trial_id'")
+        trial_id = _check_name("trial id", _to_str("trial_id", row["trial_id"]))
+        if row.get("study", self.study) != self.study:
+            raise ResultsError(
+                f"row is for study {row['study']!r} but this writer writes study {self.study!r}"
+            )
+        new = self._typed_trial(row, secrets=_env_secrets(), where=f"trial {trial_id}")
+        new["trial_id"], new["study"] = trial_id, self.study
+        if "best_val_nll" in new and new.get("val_nll") is None:
+            new["val_nll"] = new["best_val_nll"]
+        with self._lock:
+            old = self._trials.get(trial_id)
+            if merge and old is not None:
+                merged = {**old, **{k: v for k, v in new.items() if k != "extra"}}
+                merged["extra"] = {**old["extra"], **new["extra"]}
+            else:
+                merged = {name: None for name in self._layout.schema.names} | new
+            if merged.get("status") is None:
+                raise ResultsError(
+                    f"trial {trial_id}: column 'status' is required for a new "
+                    f"trial; one of {', '.join(STATUSES)}"
+                )
+            self._trials[trial_id] = merged
+            try:
+                self._write_trials()
+            except BaseException:  # keep memory and file in step; the caller sees the error
+                if old is None:
+                    del self._trials[trial_id]
+                else:
+                    self._trials[trial_id] = old
+                raise
+            return {**merged, "extra": dict(merged["extra"])}
+
+    def _write_trials(self) -> None:
+        secrets = _env_secrets()
+        rows = [{**r, "extra": _dump_extra(r["extra"], secrets)} for r in self._trials.values()]
+        table = pa.Table.from_pylist(rows, schema=self._layout.schema)
+        _atomic_write(self._fs, self._local, self.trials_path, table)
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Copies of the stored rows (``extra`` as a dict), in insertion order."""
+        with self._lock:
+            return [{**r, "extra": dict(r["extra"])} for r in self._trials.values()]
+
+    # -- history --
+    def append_history(self, trial_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Buffer per-step rows of one trial (each needs ``step``); see the class docstring."""
+        trial_id = _check_name("trial id", trial_id)
+        secrets = _env_secrets()
+        typed = []
+        for row in rows:
+            out: dict[str, Any] = {"study": self.study, "trial_id": trial_id}
+            extra: dict[str, Any] = {}
+            for key, value in row.items():
+                if key in ("study", "trial_id"):
+                    if value != out[key]:
+                        raise ResultsError(
+                            f"history row has {key}={value!r}, expected {out[key]!r}"
+                        )
+                elif key == "extra":
+                    extra.update(_extra_dict(value))
+                elif key in _HISTORY_KINDS:
+                    out[key] = _coerce(key, _HISTORY_KINDS[key], value)
+                else:
+                    extra[key] = value
+            if out.get("step") is None:
+                raise ResultsError(
+                    f"history row of trial {trial_id} needs an integer 'step'; "
+                    f"got keys {sorted(row)}"
+                )
+            out["extra"] = _dump_extra(extra, secrets)
+            typed.append(out)
+        with self._lock:
+            self._history.setdefault(trial_id, []).extend(typed)
+            self._buffered += len(typed)
+            if (
+                self._buffered >= self._flush_rows
+                or time.monotonic() - self._last_part >= self._flush_s
+            ):
+                self._flush_history()
+
+    def _flush_history(self) -> None:
+        for trial_id in list(self._history):
+            rows = self._history[trial_id]
+            if rows:
+                seq = self._next_seq.get(trial_id, 0)
+                path = f"{self.history_path}/part-{trial_id}-{seq:06d}.parquet"
+                _atomic_write(
+                    self._fs, self._local, path, pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
+                )
+                self._next_seq[trial_id] = seq + 1
+                self._buffered -= len(rows)
+            del self._history[trial_id]
+        self._last_part = time.monotonic()
+
+    def flush(self) -> None:
+        """Write buffered history parts (trials are written on every upsert already)."""
+        with self._lock:
+            self._flush_history()
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- config -> columns -----------------------------------------------------------------------
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def trial_row_from_config(config: Any, *, config_cls: type = RunConfig) -> dict[str, Any]:
+    """Typed config columns (``{"graph": "absorb", "lr": 3e-4, ...}``) of one run config.
+
+    ``config`` is a :class:`RunConfig` (or an instance of ``config_cls``), its nested
+    ``to_dict()``, or its ``flat()`` (``"section.key"`` keys). Dicts go through
+    ``config_cls.from_dict``: unknown keys are errors and missing keys take the dataclass
+    defaults (pass the full config of the run, not only the searched keys).
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        nested = dataclasses.asdict(config)
+    elif isinstance(config, Mapping):
+        nested = _unflatten(config) if any("." in k for k in config) else dict(config)
+        nested = dataclasses.asdict(config_cls.from_dict(nested))
+    else:
+        raise ResultsError(
+            f"config must be a {config_cls.__name__} or a dict, got {type(config).__name__}"
+        )
+    layout = _layout(config_cls)
+    out: dict[str, Any] = {}
+    for key, col in layout.config_columns.items():
+        node: Any = nested
+        for part in key.split("."):
+            node = node[part]
+        out[col] = _coerce(col, layout.kinds[col], node)
+    return out
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+def list_studies(storage: str | os.PathLike) -> list[str]:
+    """Names of the studies under ``storage`` (folders with trials or history), sorted."""
+    fs, root, _ = _fs(storage)
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not _NAME.fullmatch(info.base_name):
+            continue
+        if (
+            _exists(fs, f"{info.path}/{TRIALS_FILE}") == pafs.FileType.File
+            or _exists(fs, f"{info.path}/{HISTORY_DIR}") == pafs.FileType.Directory
+        ):
+            out.append(info.base_name)
+    return sorted(out)
+
+
+def _no_study(storage: str | os.PathLike, study: str) -> ResultsError:
+    studies = list_studies(storage)
+    have = f"studies there: {', '.join(studies)}" if studies else "there are no studies there"
+    return ResultsError(
+        f"no study {study!r} under {os.fspath(storage)!r} ({have}); run a study "
+        "with this storage first (sedd_ray.study) or pass an existing name"
+    )
+
+
+def resolve_study(storage: str | os.PathLike, study: str | None = None) -> str:
+    """``study`` if it exists; when None, the only study under ``storage``; else an error."""
+    if study is not None:
+        _check_name("study name", study)
+        if study not in list_studies(storage):
+            raise _no_study(storage, study)
+        return study
+    studies = list_studies(storage)
+    if len(studies) == 1:
+        return studies[0]
+    if not studies:
+        raise ResultsError(
+            f"no studies under {os.fspath(storage)!r}; run a study with this "
+            "storage first (sedd_ray.study) or point to the right storage"
+        )
+    raise ResultsError(
+        f"{len(studies)} studies under {os.fspath(storage)!r}: "
+        f"{', '.join(studies)}; name one (--study NAME)"
+    )
+
+
+def _trials_table(storage: str | os.PathLike, study: str) -> pa.Table:
+    fs, path, _ = _study_dir(storage, study)
+    file = f"{path}/{TRIALS_FILE}"
+    if _exists(fs, file) != pafs.FileType.File:
+        if study in list_studies(storage):  # history only, no trial row yet
+            return TRIALS_SCHEMA.empty_table()
+        raise _no_study(storage, study)
+    return _conform(_read_file(fs, file), TRIALS_SCHEMA, file)
+
+
+def read_trials(storage: str | os.PathLike, study: str) -> pd.DataFrame:
+    """One row per trial with the :data:`TRIALS_SCHEMA` columns (plus any unknown ones)."""
+    return _trials_table(storage, study).to_pandas()
+
+
+def read_history(
+    storage: str | os.PathLike, study: str, trial_id: str | None = None
+) -> pd.DataFrame:
+    """Per-step rows, deduplicated on ``(trial_id, step)`` keeping the last written part.
+
+    Sorted by trial_id then step. ``trial_id`` restricts the read to that trial's parts.
+    """
+    fs, path, _ = _study_dir(storage, study)
+    if study not in list_studies(storage):
+        raise _no_study(storage, study)
+    if trial_id is not None:
+        _check_name("trial id", trial_id)
+    parts = [
+        p
+        for t, _, p in _history_parts(fs, f"{path}/{HISTORY_DIR}")
+        if trial_id is None or t == trial_id
+    ]
+    tables = []
+    if parts:
+        dataset = pads.dataset(parts, schema=HISTORY_SCHEMA, format="parquet", filesystem=fs)
+        order = {p: i for i, p in enumerate(parts)}
+        frags = sorted(dataset.get_fragments(), key=lambda fr: order[fr.path])
+        tables = [fr.to_table(schema=HISTORY_SCHEMA) for fr in frags]
+    table = pa.concat_tables(tables) if tables else HISTORY_SCHEMA.empty_table()
+    df = table.to_pandas()
+    df = df.drop_duplicates(subset=["trial_id", "step"], keep="last")
+    return df.sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)
+
+
+def _row_dict(table: pa.Table, i: int) -> dict[str, Any]:
+    return table.slice(i, 1).to_pylist()[0]
+
+
+def get_trial(storage: str | os.PathLike, study: str, trial_id: str) -> dict[str, Any]:
+    """The row of one trial as a dict of Python values; unknown ids list some valid ones."""
+    _check_name("trial id", trial_id)
+    table = _trials_table(storage, study)
+    ids = table["trial_id"].to_pylist()
+    if trial_id not in ids:
+        shown = ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
+        raise ResultsError(
+            f"no trial {trial_id!r} in study {study!r}; "
+            + (f"valid ids: {shown}" if ids else "the study has no trials yet")
+        )
+    return _row_dict(table, ids.index(trial_id))
+
+
+def best_trial(
+    storage: str | os.PathLike, study: str, metric: str = "val_nll", mode: str = "min"
+) -> dict[str, Any]:
+    """The finished trial (terminated or stopped_early) with the best finite ``metric``."""
+    if mode not in ("min", "max"):
+        raise ResultsError(f"mode must be 'min' or 'max', got {mode!r}")
+    table = _trials_table(storage, study)
+    if metric not in table.column_names or not (
+        pa.types.is_integer(table.schema.field(metric).type)
+        or pa.types.is_floating(table.schema.field(metric).type)
+    ):
+        numeric = [
+            f.name
+            for f in table.schema
+            if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+        ]
+        raise ResultsError(
+            f"unknown or non-numeric metric {metric!r}; numeric columns: {', '.join(numeric)}"
+        )
+    statuses = table["status"].to_pylist()
+    values = table[metric].to_pylist()
+    best_i = None
+    for i, (s, v) in enumerate(zip(statuses, values)):
+        if s not in FINISHED_STATUSES or v is None or not math.isfinite(v):
+            continue
+        if best_i is None or (v < values[best_i] if mode == "min" else v > values[best_i]):
+            best_i = i
+    if best_i is None:
+        counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
+        seen = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials"
+        raise ResultsError(
+            f"no finished trial with a finite {metric!r} in study {study!r} "
+            f"({seen}); let a study run to completion (sedd_ray.study) first"
+        )
+    return _row_dict(table, best_i)

@@ -1,0 +1,518 @@
+"""Studies: Ray Tune + Optuna over graph, noise schedule, model size and optimiser settings.
+
+A study is a named search space + budget + resources (:class:`StudySpec`). Tune runs
+one *driver* per trial (a function trainable using no CPU); the driver launches the Ray
+Train run of :mod:`sedd_ray.launch` named ``<trial_id>`` under
+``<storage>/<study>/train/``, and ``TuneReportCallback`` forwards the workers' reports to
+Tune. A Tune callback writes every trial to Parquet while the study runs
+(:mod:`sedd_ray.results`).
+
+Two modes:
+
+* **search** - Optuna (TPE, seeded, define-by-run so conditional parameters work) over
+  every axis together.
+* **ablation** - the ablated axis (e.g. ``graph``) is not searched: every level gets
+  the same budget (``trials_per_level`` trials, the same steps and the same seed
+  sequence) and its own Optuna searcher, which tunes only the nuisance parameters within
+  that level, so levels compare fairly.
+
+``--resume`` restores an interrupted study with ``Tuner.restore`` (unfinished and errored
+trials resumed; a Train run resumes from its own latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sedd_ray.config import ConfigError, RunConfig, apply_params, preset
+from sedd_ray.registry import Registry
+
+# --- search space -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter. ``when={"noise": "geometric"}`` makes it conditional."""
+
+    kind: str  # float | int | choice
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    when: Mapping[str, Any] | None = None
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.kind == "float":
+            return trial.suggest_float(name, self.low, self.high, log=self.log)
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_categorical(name, list(self.choices))
+
+
+def Float(low: float, high: float, log: bool = False, when: Mapping[str, Any] | None = None) -> Param:
+    if not low < high:
+        raise ConfigError(f"Float(low, high) needs low < high, got {low} and {high}")
+    return Param("float", low, high, log, when=when)
+
+
+def Int(low: int, high: int, log: bool = False, when: Mapping[str, Any] | None = None) -> Param:
+    if not low <= high:
+        raise ConfigError(f"Int(low, high) needs low <= high, got {low} and {high}")
+    return Param("int", low, high, log, when=when)
+
+
+def Choice(choices: Sequence[Any], when: Mapping[str, Any] | None = None) -> Param:
+    if not choices:
+        raise ConfigError("Choice needs at least one option")
+    return Param("choice", choices=tuple(choices), when=when)
+
+
+@dataclass
+class StudySpec:
+    """A study: what to search, with what budget, on what resources.
+
+    ``base`` is a preset name; ``fixed`` params apply to every trial; ``space`` is
+    searched; ``ablate``/``levels`` name the ablated axis (ablation mode) or are None
+    (search mode). Parameter names are the short config names (``lr``, ``graph``,
+    ``model`` ...) of :func:`sedd_ray.config.apply_params`.
+    """
+
+    name: str
+    base: str = "tiny"
+    fixed: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Param] = field(default_factory=dict)
+    ablate: str | None = None
+    levels: list[Any] = field(default_factory=list)
+    trials_per_level: int = 2
+    num_trials: int = 4  # search mode
+    seeds: list[int] = field(default_factory=lambda: [0])
+    metric: str = "val_nll"
+    mode: str = "min"
+    asha: bool = False
+    grace_period: int = 0  # steps; 0 = a quarter of the run
+    reduction_factor: int = 2
+    num_workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    max_concurrent: int = 0  # 0 = derived from the cluster's resources
+    max_failures: int = 1  # Train-level retries of one trial
+    searcher_seed: int = 0
+
+    def validate(self) -> StudySpec:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"study name {self.name!r} must be a plain folder name")
+        if self.ablate:
+            if len(self.levels) < 2:
+                raise ConfigError(f"ablating {self.ablate!r} needs at least 2 levels, got {self.levels}")
+            if self.ablate in self.space:
+                raise ConfigError(f"{self.ablate!r} is ablated; remove it from the search space")
+            if self.trials_per_level < 1:
+                raise ConfigError("trials_per_level must be >= 1")
+        elif self.num_trials < 1:
+            raise ConfigError("num_trials must be >= 1")
+        if not self.seeds:
+            raise ConfigError("a study needs at least one seed")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"mode must be min or max, got {self.mode!r}")
+        # Fail before any compute: every level x every choice must build a valid config.
+        for level in self.levels or [None]:
+            params = dict(self.fixed)
+            if self.ablate:
+                params[self.ablate] = level
+            for name, p in self.space.items():
+                params[name] = p.choices[0] if p.kind == "choice" else p.low
+            try:
+                self.trial_config(params)
+            except ConfigError as e:
+                raise ConfigError(f"study {self.name!r}: {e}") from None
+        return self
+
+    @property
+    def total_trials(self) -> int:
+        return len(self.levels) * self.trials_per_level if self.ablate else self.num_trials
+
+    def trial_config(self, params: Mapping[str, Any]) -> RunConfig:
+        """The validated RunConfig of a trial with these (searched + fixed) params."""
+        merged = {**self.fixed, **{k: v for k, v in params.items() if v is not None}}
+        return apply_params(preset(self.base), merged).validate()
+
+
+STUDIES: Registry[Callable[..., StudySpec]] = Registry("study")
+
+
+# --- Optuna define-by-run ------------------------------------------------------------------
+
+def define_by_run(space: Mapping[str, Param], constants: Mapping[str, Any]) -> Callable[[Any], dict]:
+    """An Optuna define-by-run function: conditional params are only suggested when their
+    condition holds (e.g. ``sigma_min`` only when ``noise == geometric``)."""
+
+    def fn(trial: Any) -> dict[str, Any]:
+        values: dict[str, Any] = dict(constants)
+        pending = dict(space)
+        while pending:  # conditions may refer to other searched params: resolve in order
+            progressed = False
+            for name, p in list(pending.items()):
+                cond = p.when or {}
+                if all(k in values for k in cond):
+                    if all(values[k] == v for k, v in cond.items()):
+                        values[name] = p.suggest(trial, name)
+                    pending.pop(name)
+                    progressed = True
+            if not progressed:
+                raise ConfigError(f"conditions of {sorted(pending)} refer to unknown parameters")
+        return dict(constants)
+
+    return fn
+
+
+def _make_searcher(space: Mapping[str, Param], constants: Mapping[str, Any], metric: str,
+                   mode: str, seed: int):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return OptunaSearch(
+        space=define_by_run(space, constants) if space else (lambda trial: dict(constants)),
+        metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+
+
+def make_searcher(spec: StudySpec):
+    """Search mode: one OptunaSearch; ablation mode: one per level behind a round-robin."""
+    from ray.tune.search import Searcher
+
+    class LevelSearcher(Searcher):
+        """Round-robin over levels; level i's k-th trial uses seeds[k % len(seeds)]; each
+        level has its own seeded Optuna searcher over the nuisance parameters."""
+
+        def __init__(self) -> None:
+            super().__init__(metric=spec.metric, mode=spec.mode)
+            self.levels = list(spec.levels) if spec.ablate else [None]
+            self.per_level = spec.trials_per_level if spec.ablate else spec.num_trials
+            self.subs = [
+                _make_searcher(spec.space, {spec.ablate: lv} if spec.ablate else {},
+                               spec.metric, spec.mode, spec.searcher_seed)
+                for lv in self.levels
+            ]
+            self.counts = [0] * len(self.levels)
+            self.owner: dict[str, int] = {}
+
+        def set_search_properties(self, metric, mode, config, **spec_kw) -> bool:
+            for s in self.subs:
+                s.set_search_properties(metric, mode, config, **spec_kw)
+            return True
+
+        def suggest(self, trial_id: str):
+            if min(self.counts) >= self.per_level:
+                return Searcher.FINISHED
+            i = self.counts.index(min(self.counts))
+            params = self.subs[i].suggest(trial_id)
+            if params is None or params == Searcher.FINISHED:
+                return params
+            k = self.counts[i]
+            self.counts[i] += 1
+            self.owner[trial_id] = i
+            params = dict(params)
+            params["seed"] = spec.seeds[k % len(spec.seeds)]
+            if spec.ablate:
+                params["level"] = str(self.levels[i])
+            return params
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id in self.owner:
+                self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            if trial_id in self.owner:
+                if result is not None and not _finite(result.get(spec.metric)):
+                    result, error = None, True  # Optuna must not learn from a NaN
+                self.subs[self.owner.pop(trial_id)].on_trial_complete(trial_id, result, error)
+
+        def save(self, checkpoint_path: str) -> None:
+            import pickle
+
+            with open(checkpoint_path, "wb") as f:
+                pickle.dump({"counts": self.counts, "owner": self.owner, "subs": self.subs}, f)
+
+        def restore(self, checkpoint_path: str) -> None:
+            import pickle
+
+            with open(checkpoint_path, "rb") as f:
+                state = pickle.load(f)
+            self.counts, self.owner, self.subs = state["counts"], state["owner"], state["subs"]
+
+    return LevelSearcher()
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+# --- the per-trial driver ------------------------------------------------------------------
+
+def _trial_driver(config: dict[str, Any]) -> None:
+    """Tune function trainable: build the trial's config and run it with Ray Train."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sedd_ray.launch import launch
+
+    spec = StudySpec(**{**config["__spec__"], "space": {}})
+    params = {k: v for k, v in config.items() if k not in ("__spec__", "__storage__", "level")}
+    cfg = spec.trial_config(params)  # ConfigError -> the trial errors with the message
+    trial_id = ray.tune.get_context().get_trial_id()
+    storage = config["__storage__"]
+    final = launch(
+        cfg, name=trial_id, storage=f"{storage.rstrip('/')}/{spec.name}/train",
+        num_workers=spec.num_workers, gpus_per_worker=spec.gpus_per_worker,
+        cpus_per_worker=spec.cpus_per_worker, max_failures=spec.max_failures,
+        callbacks=[TuneReportCallback()], group=spec.name,
+    )
+    summary = {k: v for k, v in final.items() if isinstance(v, (int, float, str)) and
+               k not in ("done", "pid", "hostname", "node_ip", "date", "timestamp")}
+    summary["checkpoint_path"] = final.get("checkpoint_dir") or ""
+    summary["summary"] = True
+    ray.tune.report(summary)
+
+
+# --- results callback ----------------------------------------------------------------------
+
+def _results_callback(spec: StudySpec, storage: str):
+    from ray.tune import Callback
+
+    from sedd_ray.results import ResultsWriter, trial_row_from_config
+
+    class ParquetCallback(Callback):
+        """Writes trials.parquet and history parts while the study runs (on the driver)."""
+
+        def __init__(self) -> None:
+            self.writer: ResultsWriter | None = None
+            self.started: dict[str, float] = {}
+            self.rows: dict[str, dict[str, Any]] = {}
+
+        def _w(self) -> ResultsWriter:
+            if self.writer is None:  # lazily, so a restored study reloads existing rows
+                self.writer = ResultsWriter(storage, spec.name)
+            return self.writer
+
+        def _row(self, trial, status: str, error: str | None = None) -> dict[str, Any]:
+            params = {k: v for k, v in trial.config.items()
+                      if k not in ("__spec__", "__storage__", "level")}
+            row = self.rows.get(trial.trial_id, {})
+            try:
+                cfg = spec.trial_config(params)
+                row.update(trial_row_from_config(cfg.to_dict()))
+            except ConfigError as e:
+                row.update({k: v for k, v in params.items() if isinstance(v, (int, float, str))})
+                error = error or str(e)
+            row.update(study=spec.name, trial_id=trial.trial_id, status=status,
+                       ablated_axis=spec.ablate, level=trial.config.get("level"),
+                       devices=spec.num_workers * (spec.gpus_per_worker or 1))
+            if error is not None:
+                row["error"] = error
+            row.update(_versions())
+            self.rows[trial.trial_id] = row
+            return row
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.setdefault(trial.trial_id, time.time())
+            row = self._row(trial, "running")
+            row["start_time"] = _utc(self.started[trial.trial_id])
+            self._w().upsert_trial(row)
+            self._w().flush()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            row = self._row(trial, "running")
+            _merge_metrics(row, result, self.started.get(trial.trial_id))
+            if not result.get("summary"):
+                self._w().append_history(trial.trial_id, [_history_row(spec.name, trial.trial_id, result)])
+            self._w().upsert_trial(row)
+            self._w().flush()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            row = self._row(trial, "terminated")
+            _merge_metrics(row, trial.last_result or {}, self.started.get(trial.trial_id))
+            planned = row.get("steps") or 0
+            if (row.get("step") or 0) < planned:
+                row["status"] = "stopped_early"
+            row["end_time"] = _utc(time.time())
+            self._w().upsert_trial(row)
+            self._w().flush()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            row = self._row(trial, "error", error=_trial_error(trial))
+            _merge_metrics(row, trial.last_result or {}, self.started.get(trial.trial_id))
+            row["end_time"] = _utc(time.time())
+            self._w().upsert_trial(row)
+            self._w().flush()
+
+    return ParquetCallback()
+
+
+def _utc(ts: float):
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
+
+
+_VERSIONS: dict[str, str] = {}
+
+
+def _versions() -> dict[str, str]:
+    if not _VERSIONS:
+        import subprocess
+
+        import ray
+        import torch
+
+        try:
+            sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            sha = ""
+        _VERSIONS.update(git_sha=sha or "unknown", torch_version=torch.__version__,
+                         ray_version=ray.__version__)
+    return dict(_VERSIONS)
+
+
+def _merge_metrics(row: dict[str, Any], result: Mapping[str, Any], started: float | None) -> None:
+    for key in ("step", "val_nll_stderr", "test_nll", "test_nll_stderr", "test_ppl_bound",
+                "n_params", "n_params_non_embedding", "true_nll"):
+        if key in result and result[key] is not None:
+            row[key] = result[key]
+    if "tokens" in result:
+        row["tokens_seen"] = result["tokens"]
+    if _finite(result.get("val_nll")):
+        row["final_val_nll"] = result["val_nll"]
+        row["val_nll_stderr"] = result.get("val_nll_stderr")
+        best = row.get("best_val_nll")
+        if best is None or result["val_nll"] < best:
+            row["best_val_nll"] = result["val_nll"]
+            row["best_val_nll_stderr"] = result.get("val_nll_stderr")
+        row["val_nll"] = row["best_val_nll"]
+        row["val_ppl_bound"] = math.exp(min(row["val_nll"], 700))
+        if row.get("true_nll") is not None:
+            row["bound_gap"] = row["val_nll"] - row["true_nll"]
+    if result.get("checkpoint_path"):
+        row["checkpoint_path"] = result["checkpoint_path"]
+    if started is not None:
+        row["wall_time_s"] = time.time() - started
+        row["device_hours"] = row["wall_time_s"] / 3600 * row.get("devices", 1)
+
+
+def _history_row(study: str, trial_id: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("step", "tokens", "train_loss", "val_nll", "val_nll_stderr", "lr", "grad_norm",
+            "tokens_per_s", "time_s")
+    return {"study": study, "trial_id": trial_id, **{k: result.get(k) for k in keys}}
+
+
+def _trial_error(trial) -> str:
+    for attr in ("error_msg",):
+        msg = getattr(trial, attr, None)
+        if msg:
+            return _last_line(msg)
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        if path and os.path.exists(path):
+            return _last_line(Path(path).read_text())
+    except OSError:
+        pass
+    return "trial failed (no error text recorded)"
+
+
+def _last_line(text: str) -> str:
+    """The meaningful line of a (possibly nested) Ray traceback: the last exception line."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]:
+            return ln[:2000]
+    return (lines[-1] if lines else str(text))[:2000]
+
+
+# --- running a study -----------------------------------------------------------------------
+
+def max_concurrent_trials(spec: StudySpec) -> int:
+    """Concurrent trials the cluster can hold: its GPUs (or CPUs) over one trial's share."""
+    import ray
+
+    if spec.max_concurrent:
+        return spec.max_concurrent
+    res = ray.cluster_resources()
+    if spec.gpus_per_worker > 0:
+        per_trial, have = spec.num_workers * spec.gpus_per_worker, res.get("GPU", 0)
+    else:
+        per_trial, have = spec.num_workers * spec.cpus_per_worker, res.get("CPU", 0)
+    return max(1, int(have // per_trial))
+
+
+def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: str | None = None,
+              verbose: int = 1) -> str:
+    """Run (or, with ``resume``, restore and finish) a study; returns the study directory."""
+    import ray
+    from ray import tune
+
+    spec.validate()
+    local = "://" not in storage
+    if local:
+        storage = os.path.abspath(storage)
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        if not os.access(storage, os.W_OK):
+            raise ConfigError(f"storage {storage} is not writable; pass a writable --storage")
+    study_dir = f"{storage.rstrip('/')}/{spec.name}"
+    tune_dir = f"{study_dir}/tune"
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        ray.init(address=address)
+    driver = tune.with_resources(_trial_driver, {"CPU": 0})
+    if resume and tune.Tuner.can_restore(tune_dir):
+        tuner = tune.Tuner.restore(tune_dir, trainable=driver, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if resume:
+            print(f"nothing to resume at {tune_dir}; starting the study", flush=True)
+        tuner = _new_tuner(spec, storage, driver, verbose)
+    print(f"study {spec.name!r}: results in {study_dir}", flush=True)
+    tuner.fit()
+    return study_dir
+
+
+def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base = preset(spec.base)
+    steps = int(spec.fixed.get("steps", base.train.steps))
+    scheduler = None
+    if spec.asha:
+        scheduler = ASHAScheduler(
+            time_attr="step", max_t=steps, grace_period=spec.grace_period or max(1, steps // 4),
+            reduction_factor=spec.reduction_factor, stop_last_trials=False,
+        )
+    spec_dict = {k: v for k, v in asdict(spec).items() if k != "space"}
+    reporter = tune.CLIReporter(
+        metric_columns=["step", "train_loss", "val_nll", "val_ppl_bound"],
+        parameter_columns=[p for p in ["level", "graph", "noise", "model", "lr", "seed"]],
+        max_report_frequency=30, metric=spec.metric, mode=spec.mode,
+    )
+    return tune.Tuner(
+        driver,
+        param_space={"__spec__": spec_dict, "__storage__": storage},
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(spec), scheduler=scheduler, num_samples=spec.total_trials,
+            max_concurrent_trials=max_concurrent_trials(spec), metric=spec.metric, mode=spec.mode,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=f"{storage.rstrip('/')}/{spec.name}",
+            callbacks=[_results_callback(spec, storage)], progress_reporter=reporter,
+            failure_config=tune.FailureConfig(max_failures=0), verbose=verbose,
+        ),
+    )

@@ -1,0 +1,545 @@
+"""One SEDD training run in plain PyTorch: the loop a Ray worker and a unit test share.
+
+    result = train(cfg, output_dir, report=callback)
+
+No Ray here. Under DDP (a process group initialised by the caller, e.g. Ray Train or
+``torch.multiprocessing``) the trainer wraps the model in DDP, shards every batch by
+rank, averages metrics over ranks, and only rank 0 logs, samples and writes checkpoints.
+
+Reproducibility: every random draw of step ``s`` on rank ``r`` comes from seeds derived
+from ``(seed, r, s)`` (dropout through the global RNG, the diffusion time and noise
+through a dedicated generator), and the data order from ``(seed, epoch)``. Resuming from
+a checkpoint at step ``s`` therefore replays exactly what an uninterrupted run does
+(bitwise on CPU in float32).
+
+The report callback ``report(metrics: dict, checkpoint_dir: str | None)`` is called on
+every rank at the same steps (log, eval and checkpoint steps, and once at the end);
+``checkpoint_dir`` is set on rank 0 when a checkpoint was written at that step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sedd_ray import checkpoint as ckpt
+from sedd_ray.config import RunConfig
+from sedd_ray.data import DataBundle, load_data
+from sedd_ray.diffusion import elbo_nll, get_graph, get_noise, sample, score_entropy_loss
+from sedd_ray.model import ScoreModel, count_parameters
+
+TOKENIZER_FILE = "tokenizer.json"  # saved in every checkpoint: sampling needs no corpus
+ReportFn = Callable[[dict[str, Any], "str | None"], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the message names the step and last finite loss."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns (and writes to ``output_dir/final.json``)."""
+
+    step: int
+    tokens_seen: int
+    val_nll: float | None
+    val_nll_stderr: float | None
+    val_ppl_bound: float | None
+    best_val_nll: float | None
+    test_nll: float | None = None
+    test_nll_stderr: float | None = None
+    test_ppl_bound: float | None = None
+    n_params: int = 0
+    n_params_non_embedding: int = 0
+    wall_time_s: float = 0.0
+    checkpoint_dir: str | None = None
+    samples: list[str] = field(default_factory=list)
+    resumed_from_step: int = 0
+    data_meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --- distributed helpers ---------------------------------------------------------------
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over ranks (float64); identity without a process group."""
+    _, world = _dist()
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), stable across processes."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available; use --device cpu")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# --- schedule and EMA ----------------------------------------------------------------------
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool, min_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then constant or cosine to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if not cosine or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+# --- data order ------------------------------------------------------------------------
+
+class BatchOrder:
+    """Deterministic order of training blocks: a fresh permutation per epoch from ``(seed, epoch)``.
+
+    Global sample ``i`` is block ``perm(i // n)[i % n]``; step ``s`` on rank ``r`` with
+    micro-batch ``a`` takes samples ``s*B + a*W*b + r*b + [0, b)`` (B global batch,
+    W world size, b micro-batch). The data position is therefore a function of the step.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        out = []
+        for i in range(start, start + count):
+            epoch = i // self.n
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(_derive_seed(self.seed, 7919, epoch))
+                self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+            out.append(int(self._perm[i % self.n]))
+        return torch.tensor(out, dtype=torch.long)
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_bound(
+    model: nn.Module, graph, noise, blocks: torch.Tensor, draws: int, batch_size: int,
+    seed: int, eps_t: float, device: torch.device, autocast: Any = None,
+) -> tuple[float, float, int]:
+    """ELBO estimate over ``blocks`` (n, L): mean nats/token, its standard error, and n.
+
+    Each sequence gets ``draws`` antithetic time draws; the noise is seeded by the
+    sequence index, so the estimate is the same at every evaluation for the same weights
+    and independent of the number of ranks. Sequences are sharded over ranks.
+    """
+    rank, world = _dist()
+    model.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    idx = torch.arange(rank, blocks.shape[0], world)
+    for start in range(0, len(idx), batch_size):
+        rows = idx[start:start + batch_size]
+        x0 = blocks[rows].to(device, non_blocking=True)
+        g = torch.Generator(device=device).manual_seed(_derive_seed(seed, 104729, int(rows[0])))
+        with autocast or nullcontext():
+            per_seq = elbo_nll(model, graph, noise, x0, draws=draws, eps_t=eps_t, generator=g)
+        per_seq = per_seq.double()
+        total += per_seq.sum().item()
+        total_sq += (per_seq ** 2).sum().item()
+        count += per_seq.numel()
+    total, total_sq, count = _all_reduce_sum([total, total_sq, float(count)], device)
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1)
+    return mean, math.sqrt(var / count), int(count)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+class Trainer:
+    """Holds the state of one run; :func:`train` is the usual entry point."""
+
+    def __init__(self, cfg: RunConfig, output_dir: str | os.PathLike,
+                 report: ReportFn | None = None, *, device: torch.device | None = None,
+                 bundle: DataBundle | None = None, run_name: str | None = None,
+                 group: str | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(output_dir).absolute()
+        self.ckpt_dir = self.out / "checkpoints"
+        self.report_fn = report
+        self.rank, self.world = _dist()
+        self.is_main = self.rank == 0
+        self.device = device or resolve_device(cfg.train.device)
+        self.run_name, self.group = run_name, group
+        t = cfg.train
+        per_rank = t.batch_size // self.world
+        if t.batch_size % (self.world * t.grad_accum):
+            raise ValueError(
+                f"batch_size {t.batch_size} must be divisible by world_size x grad_accum = "
+                f"{self.world} x {t.grad_accum}; change --batch-size or --grad-accum"
+            )
+        self.micro = per_rank // t.grad_accum
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.out)
+
+        # Data: rank 0 builds the cache first, the others then read it.
+        if bundle is None:
+            if self.is_main:
+                bundle = load_data(cfg.data, seed=t.seed, progress=t.progress)
+            if self.world > 1:
+                dist.barrier()
+            if not self.is_main:
+                bundle = load_data(cfg.data, seed=t.seed)
+        self.data = bundle
+        self.graph = get_graph(cfg.diffusion.graph, vocab_size=bundle.vocab_size)
+        d = cfg.diffusion
+        self.noise = (
+            get_noise("geometric", sigma_min=d.sigma_min, sigma_max=d.sigma_max)
+            if d.noise == "geometric" else get_noise(d.noise)
+        )
+        torch.manual_seed(_derive_seed(t.seed, 1))  # identical initial weights on all ranks
+        self.raw_model = ScoreModel(cfg.model, self.graph).to(self.device)
+        self.ema = copy.deepcopy(self.raw_model).requires_grad_(False).eval()
+        self.params = count_parameters(self.raw_model)
+        self.opt = torch.optim.AdamW(
+            self.raw_model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+        )
+        o = cfg.optim
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.cosine, o.min_lr_ratio)
+        )
+        self.model: nn.Module = self.raw_model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
+        if _use_compile(t.compile, self.device):
+            self.model = torch.compile(self.model)
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if use_bf16 else None)
+        self.order = BatchOrder(bundle.train.shape[0], t.seed)
+        self.step, self.tokens, self.best_val = 0, 0, math.inf
+        self.resumed_from = 0
+        self.history: list[dict[str, Any]] = []
+        self.wandb_run = None
+
+    # -- checkpoints --
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "step": self.step, "tokens": self.tokens, "data_position": self.step * self.cfg.train.batch_size,
+            "best_val_nll": self.best_val, "rng": rng,
+        }
+
+    def save(self) -> Path:
+        meta = {
+            "tokens": self.tokens, "config": self.cfg.to_dict(),
+            "vocab_size": self.data.vocab_size, "graph": self.cfg.diffusion.graph,
+            "data": {k: v for k, v in self.data.meta.items() if _jsonable(v)},
+            "best_val_nll": self.best_val if math.isfinite(self.best_val) else None,
+        }
+        return ckpt.save_checkpoint(
+            self.ckpt_dir, self.step, self.state_dict(), meta, keep=self.cfg.train.keep_checkpoints,
+            extra_files={TOKENIZER_FILE: self.data.tokenizer.backend_tokenizer.to_str()},
+        )
+
+    def load(self, path: str | os.PathLike) -> None:
+        state, meta = ckpt.load_checkpoint(path, map_location=self.device)
+        if meta.get("vocab_size") != self.data.vocab_size:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} has vocab_size {meta.get('vocab_size')} but the data has "
+                f"{self.data.vocab_size}; resume with the same --tokenizer/--vocab-size"
+            )
+        self.raw_model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.best_val = float(state["best_val_nll"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self.resumed_from = self.step
+
+    # -- one optimizer step --
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t, cfg = self.cfg.train, self.cfg
+        torch.manual_seed(_derive_seed(t.seed, 2, self.rank, self.step))  # dropout
+        g = torch.Generator(device=self.device).manual_seed(_derive_seed(t.seed, 3, self.rank, self.step))
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for a in range(t.grad_accum):
+            start = self.step * t.batch_size + a * self.world * self.micro + self.rank * self.micro
+            x0 = self.data.train[self.order.indices(start, self.micro)].to(self.device, non_blocking=True)
+            sync = a == t.grad_accum - 1 or self.world == 1
+            ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
+            with ctx, (self.autocast or nullcontext()):
+                per_seq = score_entropy_loss(self.model, self.graph, self.noise, x0,
+                                             eps_t=cfg.diffusion.eps_t,
+                                             antithetic=cfg.diffusion.antithetic, generator=g)
+                loss = per_seq.mean() / t.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        o = cfg.optim
+        decay = min(o.ema_decay, (1 + self.step) / (10 + self.step)) if o.ema_warmup else o.ema_decay
+        ema_update(self.ema, self.raw_model, decay)
+        self.step += 1
+        self.tokens += t.batch_size * cfg.data.seq_len
+        return loss_sum / cfg.data.seq_len, grad_norm  # nats/token on this rank
+
+    # -- evaluation and samples --
+    def evaluate(self, split: str = "val", draws: int | None = None,
+                 sequences: int | None = None) -> tuple[float, float, int]:
+        t = self.cfg.train
+        blocks = getattr(self.data, split)[: sequences or t.eval_sequences]
+        return evaluate_bound(self.ema, self.graph, self.noise, blocks, draws or t.eval_draws,
+                              t.eval_batch_size, t.seed, self.cfg.diffusion.eps_t, self.device,
+                              self.autocast)
+
+    @torch.no_grad()
+    def samples(self) -> list[str]:
+        t = self.cfg.train
+        if t.sample_count == 0:
+            return []
+        g = torch.Generator(device=self.device).manual_seed(_derive_seed(t.seed, 5))
+
+        def score_fn(x: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
+            with self.autocast or nullcontext():
+                return self.ema(x, sigma_bar).float().exp()
+
+        x = sample(score_fn, self.graph, self.noise, batch=t.sample_count, length=t.sample_length,
+                   steps=t.sample_steps, predictor="analytic", denoise=True,
+                   eps=self.cfg.diffusion.sampling_eps, generator=g, device=self.device)
+        return [self.data.decode(row.tolist()) for row in x.cpu()]
+
+    # -- reporting --
+    def _emit(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if self.is_main:
+            self.history.append(metrics)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if self.wandb_run is not None:
+                self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                   step=metrics["step"])
+        if self.report_fn is not None:
+            self.report_fn(metrics, str(checkpoint_dir) if checkpoint_dir else None)
+
+    def _init_wandb(self) -> None:
+        if not (self.cfg.train.wandb and self.is_main):
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.wandb_run = wandb.init(
+            project=self.cfg.train.wandb_project, name=self.run_name, group=self.group,
+            id=self.run_name, resume="allow", dir=str(self.out), config=self.cfg.flat(),
+        )
+
+    def run(self, resume: str | os.PathLike | bool = True) -> TrainResult:
+        """Train to ``cfg.train.steps``; resume from ``resume`` (a checkpoint dir) or, when
+        True, from ``output_dir/checkpoints/latest.json`` if present."""
+        t = self.cfg.train
+        if resume is True:
+            resume = ckpt.latest_checkpoint(self.ckpt_dir)
+        if resume:
+            self.load(resume)
+        self._init_wandb()
+        start_wall = time.perf_counter()
+        window_loss, window_steps = torch.zeros((), device=self.device), 0
+        last_finite = (None, None)  # (step, loss)
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        last_log_time, last_log_step = time.perf_counter(), self.step
+        last_ckpt: Path | None = None
+        bar = None
+        if self.is_main and t.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        try:
+            while self.step < t.steps:
+                loss, grad_norm = self._train_step()
+                finite = torch.isfinite(loss)
+                bad_step = torch.where((bad_step < 0) & ~finite,
+                                       torch.tensor(self.step, device=self.device), bad_step)
+                window_loss += torch.where(finite, loss, torch.zeros_like(loss))
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                is_log = self.step % t.log_every == 0 or self.step == t.steps
+                is_eval = self.step % t.eval_every == 0 or self.step == t.steps
+                is_ckpt = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps
+                if not (is_log or is_eval or is_ckpt):
+                    continue
+                bad = _all_reduce_sum([float(bad_step.item() >= 0)], self.device)[0]
+                if bad:
+                    where = int(bad_step.item()) if bad_step.item() >= 0 else self.step
+                    raise NonFiniteLossError(
+                        f"training loss became non-finite (nan/inf) at step {where}; last finite "
+                        f"loss {last_finite[1]} nats/token at step {last_finite[0]}. Lower --lr, "
+                        "check the data, or enable gradient clipping."
+                    )
+                now = time.perf_counter()
+                steps_done = self.step - last_log_step
+                mean_loss = _all_reduce_sum([window_loss.item() / max(window_steps, 1)], self.device)[0] / self.world
+                last_finite = (self.step, round(mean_loss, 6))
+                metrics: dict[str, Any] = {
+                    "step": self.step, "tokens": self.tokens, "train_loss": mean_loss,
+                    "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "step_time_s": (now - last_log_time) / max(steps_done, 1),
+                    "tokens_per_s": steps_done * t.batch_size * self.cfg.data.seq_len / max(now - last_log_time, 1e-9),
+                    "peak_mem_mb": peak_memory_mb(self.device),
+                    "time_s": now - start_wall,
+                }
+                window_loss.zero_()
+                window_steps = 0
+                if is_eval:
+                    nll, se, _ = self.evaluate("val")
+                    self.best_val = min(self.best_val, nll)
+                    metrics.update(val_nll=nll, val_nll_stderr=se, val_ppl_bound=math.exp(min(nll, 700)),
+                                   best_val_nll=self.best_val)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.3f}",
+                                    **({"val": f"{metrics['val_nll']:.3f}"} if is_eval else {}))
+                if t.sample_every and self.step % t.sample_every == 0 and self.is_main:
+                    self._write_samples(self.samples())
+                written = None
+                if is_ckpt and self.step < t.steps:
+                    if self.is_main:
+                        written = last_ckpt = self.save()
+                    if self.world > 1:
+                        dist.barrier()
+                if self.step < t.steps:
+                    self._emit(metrics, written)
+                last_log_time, last_log_step = time.perf_counter(), self.step
+            return self._finish(metrics if self.step > self.resumed_from else None, start_wall,
+                                last_ckpt)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+
+    def _finish(self, metrics: dict[str, Any] | None, start_wall: float,
+                last_ckpt: Path | None) -> TrainResult:
+        t = self.cfg.train
+        if metrics is None:  # resumed at the final step: just re-evaluate
+            nll, se, _ = self.evaluate("val")
+            self.best_val = min(self.best_val, nll)
+            metrics = {"step": self.step, "tokens": self.tokens, "val_nll": nll,
+                       "val_nll_stderr": se, "val_ppl_bound": math.exp(min(nll, 700)),
+                       "best_val_nll": self.best_val}
+        result = TrainResult(
+            step=self.step, tokens_seen=self.tokens, val_nll=metrics.get("val_nll"),
+            val_nll_stderr=metrics.get("val_nll_stderr"), val_ppl_bound=metrics.get("val_ppl_bound"),
+            best_val_nll=self.best_val if math.isfinite(self.best_val) else None,
+            n_params=self.params["total"], n_params_non_embedding=self.params["non_embedding"],
+            resumed_from_step=self.resumed_from,
+            data_meta={k: v for k, v in self.data.meta.items() if _jsonable(v)},
+        )
+        if t.test_draws > 0:
+            nll, se, _ = self.evaluate("test", draws=t.test_draws, sequences=t.test_sequences)
+            result.test_nll, result.test_nll_stderr = nll, se
+            result.test_ppl_bound = math.exp(min(nll, 700))
+            metrics.update(test_nll=nll, test_nll_stderr=se, test_ppl_bound=result.test_ppl_bound)
+        written = None
+        if self.is_main:
+            result.samples = self.samples()
+            self._write_samples(result.samples)
+            written = self.save()
+            result.checkpoint_dir = str(written)
+        if self.world > 1:
+            dist.barrier()
+        result.wall_time_s = time.perf_counter() - start_wall
+        metrics["n_params"] = result.n_params
+        self._emit({**metrics, "final": True}, written)
+        if self.is_main:
+            ckpt.atomic_write_text(self.out / "final.json", json.dumps(asdict(result), indent=1))
+        return result
+
+    def _write_samples(self, texts: list[str]) -> None:
+        with open(self.out / "samples.jsonl", "a") as f:
+            for s in texts:
+                f.write(json.dumps({"step": self.step, "text": s}) + "\n")
+
+
+def _use_compile(mode: str, device: torch.device) -> bool:
+    # torch.compile pays off on GPU; on CPU the tiny models lose to its start-up cost.
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_writable(path: Path) -> None:
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output directory {path} is not writable ({e.strerror}); "
+                      "pass a writable --output/--storage") from None
+
+
+def train(cfg: RunConfig, output_dir: str | os.PathLike, report: ReportFn | None = None,
+          *, resume: str | os.PathLike | bool = True, device: torch.device | None = None,
+          bundle: DataBundle | None = None, run_name: str | None = None,
+          group: str | None = None) -> TrainResult:
+    """Run (or resume) one training run; see the module docstring."""
+    trainer = Trainer(cfg, output_dir, report, device=device, bundle=bundle,
+                      run_name=run_name, group=group)
+    return trainer.run(resume=resume)
