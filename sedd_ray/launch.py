@@ -16,6 +16,8 @@ Storage may be a local path or any URI ``pyarrow.fs`` understands (``s3://``,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -51,10 +53,6 @@ def _worker_fn(config: dict[str, Any]) -> None:
     cfg = RunConfig.from_dict(config["run_config"])
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    if config.get("node_log"):  # tests: where did each rank run, and as which pid
-        path = Path(config["node_log"]) / f"rank{ctx.get_world_rank()}.txt"
-        with open(path, "a") as f:
-            f.write(f"{ray.get_runtime_context().get_node_id()} {os.getpid()}\n")
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         metrics = {k: v for k, v in metrics.items() if k not in _RESERVED}
@@ -72,8 +70,16 @@ def _worker_fn(config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             trainer.load(d)
-    result = trainer.run(resume=False)
-    del result  # everything the driver needs went through ray.train.report
+    if config.get("node_log"):  # tests: where each rank ran, as which pid, from which step
+        node = ray.get_runtime_context().get_node_id()
+        with open(Path(config["node_log"]) / f"rank{ctx.get_world_rank()}.log", "a") as f:
+            f.write(json.dumps({"node": node, "pid": os.getpid(), "start_step": trainer.step}) + "\n")
+    trainer.run(resume=False)  # everything the driver needs went through ray.train.report
+    if config.get("node_log"):
+        flat = torch.cat([p.detach().flatten().cpu() for p in trainer.raw_model.parameters()])
+        digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+        with open(Path(config["node_log"]) / f"rank{ctx.get_world_rank()}.log", "a") as f:
+            f.write(json.dumps({"node": node, "weights_sha256": digest}) + "\n")
 
 
 def launch(
@@ -109,6 +115,11 @@ def launch(
         import shutil
 
         shutil.rmtree(run_dir)
+    # Build (or find) the tokenised data here first: a bad corpus fails before any worker
+    # starts, and the workers on this node then read the cache.
+    from sedd_ray.data import load_data
+
+    load_data(cfg.data, seed=cfg.train.seed)
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         ray.init(address=address, log_to_driver=True)

@@ -164,7 +164,7 @@ class BatchOrder:
 @torch.no_grad()
 def evaluate_bound(
     model: nn.Module, graph, noise, blocks: torch.Tensor, draws: int, batch_size: int,
-    seed: int, eps_t: float, device: torch.device, autocast: Any = None,
+    seed: int, device: torch.device, autocast: Any = None,
 ) -> tuple[float, float, int]:
     """ELBO estimate over ``blocks`` (n, L): mean nats/token, its standard error, and n.
 
@@ -181,7 +181,7 @@ def evaluate_bound(
         x0 = blocks[rows].to(device, non_blocking=True)
         g = torch.Generator(device=device).manual_seed(_derive_seed(seed, 104729, int(rows[0])))
         with autocast or nullcontext():
-            per_seq = elbo_nll(model, graph, noise, x0, draws=draws, eps_t=eps_t, generator=g)
+            per_seq = elbo_nll(model, graph, noise, x0, draws=draws, generator=g)
         per_seq = per_seq.double()
         total += per_seq.sum().item()
         total_sq += (per_seq ** 2).sum().item()
@@ -323,6 +323,8 @@ class Trainer:
                                              eps_t=cfg.diffusion.eps_t,
                                              antithetic=cfg.diffusion.antithetic, generator=g)
                 loss = per_seq.mean() / t.grad_accum
+                if t.inject_nan_at and self.step + 1 == t.inject_nan_at:
+                    loss = loss * float("nan")  # fault injection (tests, drills)
             loss.backward()
             loss_sum += loss.detach()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -343,8 +345,7 @@ class Trainer:
         t = self.cfg.train
         blocks = getattr(self.data, split)[: sequences or t.eval_sequences]
         return evaluate_bound(self.ema, self.graph, self.noise, blocks, draws or t.eval_draws,
-                              t.eval_batch_size, t.seed, self.cfg.diffusion.eps_t, self.device,
-                              self.autocast)
+                              t.eval_batch_size, t.seed, self.device, self.autocast)
 
     @torch.no_grad()
     def samples(self) -> list[str]:
@@ -500,7 +501,12 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         result.wall_time_s = time.perf_counter() - start_wall
-        metrics["n_params"] = result.n_params
+        true_nll = self.data.meta.get("true_nll")  # synthetic sources: the floor of the bound
+        if true_nll is not None and metrics.get("val_nll") is not None:
+            metrics.update(true_nll=true_nll, bound_gap=metrics["val_nll"] - true_nll)
+        metrics.update(n_params=result.n_params, n_params_non_embedding=result.n_params_non_embedding,
+                       tokens_seen=self.tokens, wall_time_s=result.wall_time_s,
+                       samples=result.samples)
         self._emit({**metrics, "final": True}, written)
         if self.is_main:
             ckpt.atomic_write_text(self.out / "final.json", json.dumps(asdict(result), indent=1))

@@ -209,6 +209,15 @@ class TestGraphProperties:
         se = graph.score_entropy(log_score, torch.tensor([[sigma]] * 4, dtype=F64), x, x0)
         torch.testing.assert_close(se, dense_dse(graph, log_score, sigma, x, x0))
 
+    def test_score_entropy_gradient_matches_dense_reference(self, graph):
+        x0, x = random_pairs(graph, 0.3, (3, 4), seed=15)
+        log_score = torch.randn(3, 4, graph.dim, generator=torch.Generator().manual_seed(16),
+                                dtype=F64).requires_grad_()
+        sig = torch.full((3, 1), 0.3, dtype=F64)
+        (ours,) = torch.autograd.grad(graph.score_entropy(log_score, sig, x, x0).sum(), log_score)
+        (ref,) = torch.autograd.grad(dense_dse(graph, log_score, 0.3, x, x0).sum(), log_score)
+        torch.testing.assert_close(ours, ref)
+
     @pytest.mark.parametrize("sigma", SIGMAS)
     def test_score_entropy_zero_at_true_conditional_ratios(self, graph, sigma):
         x0, x = random_pairs(graph, sigma, (16, 8), seed=9)
@@ -322,6 +331,23 @@ def test_uniform_score_entropy_exact_at_gpt2_vocab(sigma):
     ref = design_uniform_se(l64, sigma, x, x0, n)
     got = graph.score_entropy(l64.float(), torch.full((4, 1), sigma), x, x0)
     torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["uniform", "absorb"])
+def test_score_entropy_zero_at_true_ratios_gpt2_vocab(name):
+    """float32, N = 50257, sigma_bar from 1e-5 to 20: zero at the true conditional ratios."""
+    n = 50257
+    graph = get_graph(name, vocab_size=n)
+    sigmas = torch.tensor([1e-5, 1e-4, 1e-3, 0.1, 1.0, 20.0], dtype=F64)
+    x0 = torch.tensor([[0, 7], [3, 3], [n - 1, 5], [1, 2], [9, 9], [4, 0]])
+    x = torch.tensor([[0, 8], [2, 3], [n - 1, 5], [1, 0], [9, 10], [4, 1]])
+    if name == "absorb":
+        x = torch.where(x == x0, graph.mask_id, x0)
+    cond = graph.transition(x0, sigmas[:, None])  # (6, 2, dim): p(. | x0), float64
+    log_r = cond.log() - cond.gather(-1, x[..., None]).log()
+    log_score = torch.nan_to_num(log_r, neginf=-1e4).float()
+    se = graph.score_entropy(log_score, sigmas[:, None].float(), x, x0)
+    torch.testing.assert_close(se, torch.zeros_like(se), atol=1e-5, rtol=0)
 
 
 def test_naive_rho_breaks_in_float32():

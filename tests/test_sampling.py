@@ -183,3 +183,25 @@ def test_bad_sampler_arguments_raise():
     with pytest.raises(ValueError, match="together"):
         sample(fn, graph, noise, batch=1, length=2, steps=1,
                fixed_mask=torch.ones(1, 2, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graph_name", GRAPHS.names())
+def test_cuda_with_cpu_or_cuda_generator(graph_name):
+    from sedd_ray.diffusion import elbo_nll, score_entropy_loss
+
+    graph, noise = get_graph(graph_name, vocab_size=N), get_noise("loglinear")
+    p0 = P0.cuda()
+    score_fn = exact_score_fn(graph, p0)
+    for gen in (torch.Generator().manual_seed(0), torch.Generator("cuda").manual_seed(0)):
+        x = sample(score_fn, graph, noise, batch=512, length=L, steps=16, generator=gen,
+                   device="cuda")
+        assert x.is_cuda and (x < N).all()
+        x0 = x[:64]
+
+        def model(xt, sb):
+            return score_fn(xt, sb).log()
+
+        loss = score_entropy_loss(model, graph, noise, x0, antithetic=True, generator=gen)
+        assert loss.is_cuda and torch.isfinite(loss).all()
+        assert elbo_nll(model, graph, noise, x0, draws=2, generator=gen).is_cuda

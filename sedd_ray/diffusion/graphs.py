@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import math
+import operator
 
 import torch
 
@@ -92,7 +93,9 @@ class Graph(abc.ABC):
              = sum_{y != x_t} Q[x_t, y] r_y phi(l_y - log r_y),   phi(u) = e^u - u - 1
 
       (for ``r_y = 0`` the term is ``s_y``). Each term is ``>= 0`` and ``0`` exactly at
-      ``s_y = r_y``; the second form is the one computed, as it has no cancellation.
+      ``s_y = r_y``. Subclasses keep the terms with a large ratio (``r ~ 1/sigma_bar``) in
+      the phi form: in the first form their two halves (~ r log r each) cancel in float32.
+      Training weights SE by ``sigma(t)``; see :mod:`sedd_ray.diffusion.loss`.
     - Tweedie step back from ``sigma`` to ``sigma - d``:
       ``p(x_{sigma-d} = y | x_sigma = x) = [exp(-d Q) s]_y * exp(d Q)[x, y]``, i.e.
       ``staggered_score(s, d) * transp_transition(x, d)``.
@@ -102,8 +105,12 @@ class Graph(abc.ABC):
     """
 
     def __init__(self, vocab_size: int) -> None:
-        if not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+        try:
+            vocab_size = operator.index(vocab_size)
+        except TypeError:
+            raise ValueError(f"vocab_size must be an integer, got {vocab_size!r}") from None
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
         self.vocab_size = vocab_size
 
     def __repr__(self) -> str:
@@ -117,7 +124,7 @@ class Graph(abc.ABC):
 
     @property
     def absorb(self) -> bool:
-        """Whether state ``dim - 1`` is an absorbing mask that sampling must remove."""
+        """Whether the graph has an absorbing mask (always the last state, ``dim - 1``)."""
         return self.mask_id is not None
 
     @property
@@ -235,8 +242,8 @@ class Uniform(Graph):
     - ``x_t != x_0``: ``SE = (1/(N rho)) phi(l_{x_0} + log rho) + (1/N) sum_{y != x_t, x_0} phi(l_y)``
       ``= (1/N) sum e^{l_y} - (1/N) sum l_y - l_{x_0}/E + (1/N)(K(1 + N/E) - (N - 2))``
 
-    ``rho`` is computed as ``E / (E + N)``, never ``1 - N / (E + N)`` (0 in float32 for
-    ``sigma`` below ~1.5e-3).
+    ``rho`` is computed as ``E / (E + N)``, never ``1 - N / (E + N)``: for N = 50257 that
+    is 0 (or one rounding error) in float32 for ``sigma`` below ~2e-3.
     """
 
     @property
@@ -291,22 +298,29 @@ class Uniform(Graph):
     def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
                       x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         n = self.dim
-        ls = log_score.to(_score_dtype(log_score))
+        ls = log_score.to(_score_dtype(log_score))  # (*, N)
         sigma = _as_float(sigma, x).to(ls.dtype)
-        shape = torch.broadcast_shapes(x.shape, sigma.shape)
+        shape = torch.broadcast_shapes(x.shape, x0.shape, sigma.shape)
+        x, x0 = x.expand(shape), x0.expand(shape)
         e = torch.expm1(sigma.expand(shape))
         rho = e / (e + n)
         log_rho = torch.log(rho)
-        same = (x == x0)[..., None]
-        is_xt = _onehot(x.expand(shape), n, torch.bool)
-        is_x0 = _onehot(x0.expand(shape), n, torch.bool)
-        # per-y true ratio r_y and weight Q[x_t, y] r_y (Q[x_t, y] = 1/N off the diagonal)
-        log_r = torch.where(same, log_rho[..., None], torch.where(is_x0, -log_rho[..., None], 0.0))
-        weight = torch.where(same, (rho / n)[..., None],
-                             torch.where(is_x0, (1.0 / (n * rho))[..., None], 1.0 / n))
-        ls = torch.where(is_xt, log_r, ls)  # x_t's own entry: safe, masked below
-        terms = torch.where(is_xt, 0.0, weight * _phi(ls - log_r))
-        return terms.sum(dim=-1)
+        same = x == x0
+        # Every y outside {x_t, x_0} (all y != x_t when x_t = x_0) has the same ratio r =
+        # e^c and weight w / r: their part is w sum_y phi(l_y - c). Setting l = c at x_t
+        # and x_0 makes those entries phi(0) = 0, so the part is a reduction over all y:
+        # w (e^{-c} sum e^l - sum l + N (c - 1)), with w e^{-c} = 1/N in both cases.
+        c = torch.where(same, log_rho, 0.0)
+        w = torch.where(same, rho / n, 1.0 / n)
+        fill = c[..., None]
+        ls_rest = ls.scatter(-1, x[..., None], fill).scatter(-1, x0[..., None], fill)
+        rest = ls_rest.exp().sum(-1) / n - w * ls_rest.sum(-1) + w * n * (c - 1)
+        rest = rest.clamp_min(0.0)  # a sum of phi >= 0; clamp the rounding
+        # x_t != x_0: y = x_0 has r = 1/rho and weight 1/(N rho); keep it in phi form, as
+        # its two halves are ~ (1/E) log(1/E) each and cancel in float32 otherwise
+        l_x0 = torch.where(same, 0.0, ls.gather(-1, x0[..., None]).squeeze(-1))
+        at_x0 = _phi(l_x0 + log_rho) / (n * rho)
+        return rest + torch.where(same, 0.0, at_x0)
 
     def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
         """Exact ``KL(p(. | x_0) at sigma_bar || uniform)``. ``x0`` (*) -> (*)."""
@@ -409,17 +423,19 @@ class Absorbing(Graph):
                       x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         ls = log_score.to(_score_dtype(log_score))
         sigma = _as_float(sigma, x).to(ls.dtype)
-        shape = torch.broadcast_shapes(x.shape, sigma.shape)
-        e = torch.expm1(sigma.expand(shape))[..., None]
-        masked = (x == self.mask_id).expand(shape)[..., None]
-        is_x0 = _onehot(x0.expand(shape), self.dim, torch.bool)
-        # unmasked positions and the mask column contribute nothing; zero their input so
-        # that exp() there can neither overflow nor leak NaN gradients through where()
-        keep = masked & torch.ones_like(is_x0)
-        keep[..., self.mask_id] = False
-        ls = torch.where(keep, ls, 0.0)
-        terms = torch.where(is_x0, _phi(ls + torch.log(e)) / e, torch.exp(ls))
-        return torch.where(keep, terms, 0.0).sum(dim=-1)
+        shape = torch.broadcast_shapes(x.shape, x0.shape, sigma.shape)
+        x, x0 = x.expand(shape), x0.expand(shape)
+        e = torch.expm1(sigma.expand(shape))
+        masked = x == self.mask_id
+        tokens = ls[..., : self.mask_id]  # the mask is the last state; its column is unused
+        # y != x_0: true ratio 0, term e^{l_y}. -inf at x_0 and at unmasked positions keeps
+        # exp() there from overflowing or leaking NaN gradients
+        others = tokens.masked_fill(~masked[..., None], float("-inf"))
+        others = others.scatter(-1, x0[..., None], float("-inf"))
+        # y = x_0: ratio 1/E, term (1/E) phi(l + log E), without cancellation
+        l_x0 = torch.where(masked, tokens.gather(-1, x0[..., None]).squeeze(-1), 0.0)
+        se = others.exp().sum(-1) + _phi(l_x0 + torch.log(e)) / e
+        return torch.where(masked, se, 0.0)
 
     def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
         """``-log(1 - e^{-sigma_bar})``: the cost of starting the reverse chain at all-mask.
