@@ -221,7 +221,15 @@ def fake_multinode_config(
             "resources": res, "node_config": {}, "min_workers": 0,
             "max_workers": min(int(nt.get("max_workers", max_workers_per_type)), max_workers_per_type),
         }
-    provider: dict[str, Any] = {"type": "fake_multinode"}
+    # As Ray's own fake_multi_node/example.yaml (absent from the wheel): several nodes share
+    # one IP, so key them by node id; nothing to ssh into or to re-launch on config change.
+    provider: dict[str, Any] = {
+        "type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+        # Launch `count` nodes per request, as a cloud provider does (the fake one
+        # otherwise starts one node per request, whatever the count).
+        "launch_multiple": True,
+    }
     if gcs_address:
         provider["gcs_address"] = gcs_address
     return {

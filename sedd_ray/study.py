@@ -105,6 +105,8 @@ class StudySpec:
     searcher_seed: int = 0
 
     def validate(self) -> StudySpec:
+        # A fixed parameter is not searched (``--set lr=1e-3`` pins it).
+        self.space = {k: p for k, p in self.space.items() if k not in self.fixed}
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"study name {self.name!r} must be a plain folder name")
         if self.ablate:
@@ -148,13 +150,18 @@ STUDIES: Registry[Callable[..., StudySpec]] = Registry("study")
 
 # --- Optuna define-by-run ------------------------------------------------------------------
 
-def define_by_run(space: Mapping[str, Param], constants: Mapping[str, Any]) -> Callable[[Any], dict]:
-    """An Optuna define-by-run function: conditional params are only suggested when their
-    condition holds (e.g. ``sigma_min`` only when ``noise == geometric``)."""
+class DefineByRun:
+    """An Optuna define-by-run space: a conditional param is only suggested when its
+    condition holds (e.g. ``sigma_min`` only when ``noise == geometric``). Returns the
+    ``constants`` (e.g. the ablated level), which Tune merges into the trial's config.
+    A plain class, so the searcher state pickles for ``Tuner.restore``."""
 
-    def fn(trial: Any) -> dict[str, Any]:
-        values: dict[str, Any] = dict(constants)
-        pending = dict(space)
+    def __init__(self, space: Mapping[str, Param], constants: Mapping[str, Any]) -> None:
+        self.space, self.constants = dict(space), dict(constants)
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        values: dict[str, Any] = dict(self.constants)
+        pending = dict(self.space)
         while pending:  # conditions may refer to other searched params: resolve in order
             progressed = False
             for name, p in list(pending.items()):
@@ -166,37 +173,34 @@ def define_by_run(space: Mapping[str, Param], constants: Mapping[str, Any]) -> C
                     progressed = True
             if not progressed:
                 raise ConfigError(f"conditions of {sorted(pending)} refer to unknown parameters")
-        return dict(constants)
-
-    return fn
+        return dict(self.constants)
 
 
-def _make_searcher(space: Mapping[str, Param], constants: Mapping[str, Any], metric: str,
+def _optuna_search(space: Mapping[str, Param], constants: Mapping[str, Any], metric: str,
                    mode: str, seed: int):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return OptunaSearch(
-        space=define_by_run(space, constants) if space else (lambda trial: dict(constants)),
-        metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed),
-    )
+    return OptunaSearch(space=DefineByRun(space, constants), metric=metric, mode=mode,
+                        sampler=optuna.samplers.TPESampler(seed=seed))
 
 
 def make_searcher(spec: StudySpec):
-    """Search mode: one OptunaSearch; ablation mode: one per level behind a round-robin."""
+    """Search mode: one seeded OptunaSearch over every axis. Ablation mode: one per level
+    behind a round-robin, so each level gets the same number of trials and seeds and its
+    own Optuna tuning of the nuisance parameters."""
     from ray.tune.search import Searcher
 
     class LevelSearcher(Searcher):
-        """Round-robin over levels; level i's k-th trial uses seeds[k % len(seeds)]; each
-        level has its own seeded Optuna searcher over the nuisance parameters."""
+        """Round-robin over levels; level i's k-th trial uses seeds[k % len(seeds)]."""
 
         def __init__(self) -> None:
             super().__init__(metric=spec.metric, mode=spec.mode)
             self.levels = list(spec.levels) if spec.ablate else [None]
             self.per_level = spec.trials_per_level if spec.ablate else spec.num_trials
             self.subs = [
-                _make_searcher(spec.space, {spec.ablate: lv} if spec.ablate else {},
+                _optuna_search(spec.space, {**spec.fixed, **({spec.ablate: lv} if spec.ablate else {})},
                                spec.metric, spec.mode, spec.searcher_seed)
                 for lv in self.levels
             ]
@@ -204,8 +208,8 @@ def make_searcher(spec: StudySpec):
             self.owner: dict[str, int] = {}
 
         def set_search_properties(self, metric, mode, config, **spec_kw) -> bool:
-            for s in self.subs:
-                s.set_search_properties(metric, mode, config, **spec_kw)
+            for sub in self.subs:
+                sub.set_search_properties(metric, mode, config, **spec_kw)
             return True
 
         def suggest(self, trial_id: str):
@@ -225,7 +229,9 @@ def make_searcher(spec: StudySpec):
             return params
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if trial_id in self.owner:
+            # Optuna records intermediate values keyed by step; only evaluation results
+            # carry the metric.
+            if trial_id in self.owner and _finite(result.get(spec.metric)):
                 self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
@@ -235,16 +241,17 @@ def make_searcher(spec: StudySpec):
                 self.subs[self.owner.pop(trial_id)].on_trial_complete(trial_id, result, error)
 
         def save(self, checkpoint_path: str) -> None:
-            import pickle
+            from ray import cloudpickle
 
+            state = {"counts": self.counts, "owner": self.owner, "subs": self.subs}
             with open(checkpoint_path, "wb") as f:
-                pickle.dump({"counts": self.counts, "owner": self.owner, "subs": self.subs}, f)
+                cloudpickle.dump(state, f)
 
         def restore(self, checkpoint_path: str) -> None:
-            import pickle
+            from ray import cloudpickle
 
             with open(checkpoint_path, "rb") as f:
-                state = pickle.load(f)
+                state = cloudpickle.load(f)
             self.counts, self.owner, self.subs = state["counts"], state["owner"], state["subs"]
 
     return LevelSearcher()
@@ -259,18 +266,17 @@ def _finite(x: Any) -> bool:
 
 # --- the per-trial driver ------------------------------------------------------------------
 
-def _trial_driver(config: dict[str, Any]) -> None:
+def _trial_driver(config: dict[str, Any], spec: dict[str, Any], storage: str) -> None:
     """Tune function trainable: build the trial's config and run it with Ray Train."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from sedd_ray.launch import launch
 
-    spec = StudySpec(**{**config["__spec__"], "space": {}})
-    params = {k: v for k, v in config.items() if k not in ("__spec__", "__storage__", "level")}
+    spec = StudySpec(**{**spec, "space": {}})
+    params = {k: v for k, v in config.items() if k != "level"}
     cfg = spec.trial_config(params)  # ConfigError -> the trial errors with the message
     trial_id = ray.tune.get_context().get_trial_id()
-    storage = config["__storage__"]
     final = launch(
         cfg, name=trial_id, storage=f"{storage.rstrip('/')}/{spec.name}/train",
         num_workers=spec.num_workers, gpus_per_worker=spec.gpus_per_worker,
@@ -305,8 +311,7 @@ def _results_callback(spec: StudySpec, storage: str):
             return self.writer
 
         def _row(self, trial, status: str, error: str | None = None) -> dict[str, Any]:
-            params = {k: v for k, v in trial.config.items()
-                      if k not in ("__spec__", "__storage__", "level")}
+            params = {k: v for k, v in trial.config.items() if k != "level"}
             row = self.rows.get(trial.trial_id, {})
             try:
                 cfg = spec.trial_config(params)
@@ -440,6 +445,20 @@ def _last_line(text: str) -> str:
 
 # --- running a study -----------------------------------------------------------------------
 
+DRIVER_RESOURCE = "sedd_driver"  # custom resource on the head node: Tune drivers live there
+
+
+def driver_resources() -> dict[str, float]:
+    """What one trial driver asks for: a sliver of the head's ``sedd_driver`` resource,
+    or, on a cluster that lacks it, a little memory - never a CPU or GPU that a Train
+    worker needs (Tune refuses an empty request)."""
+    import ray
+
+    if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
+        return {"CPU": 0, DRIVER_RESOURCE: 0.001}
+    return {"CPU": 0, "memory": 32 * 2**20}
+
+
 def max_concurrent_trials(spec: StudySpec) -> int:
     """Concurrent trials the cluster can hold: its GPUs (or CPUs) over one trial's share."""
     import ray
@@ -471,8 +490,15 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     tune_dir = f"{study_dir}/tune"
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        ray.init(address=address)
-    driver = tune.with_resources(_trial_driver, {"CPU": 0})
+        # A local cluster gets the driver resource too (cluster.yaml declares it on the head).
+        ray.init(address=address, resources=None if address else {DRIVER_RESOURCE: 1000})
+    # Train reports val_nll only at evaluation steps; ASHA and Optuna skip results without it.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our trimmed CLIReporter table
+    spec_dict = {k: v for k, v in asdict(spec).items() if k != "space"}
+    driver = tune.with_resources(
+        tune.with_parameters(_trial_driver, spec=spec_dict, storage=storage), driver_resources()
+    )
     if resume and tune.Tuner.can_restore(tune_dir):
         tuner = tune.Tuner.restore(tune_dir, trainable=driver, resume_unfinished=True,
                                    resume_errored=True)
@@ -497,7 +523,6 @@ def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
             time_attr="step", max_t=steps, grace_period=spec.grace_period or max(1, steps // 4),
             reduction_factor=spec.reduction_factor, stop_last_trials=False,
         )
-    spec_dict = {k: v for k, v in asdict(spec).items() if k != "space"}
     reporter = tune.CLIReporter(
         metric_columns=["step", "train_loss", "val_nll", "val_ppl_bound"],
         parameter_columns=[p for p in ["level", "graph", "noise", "model", "lr", "seed"]],
@@ -505,7 +530,6 @@ def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
     )
     return tune.Tuner(
         driver,
-        param_space={"__spec__": spec_dict, "__storage__": storage},
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(spec), scheduler=scheduler, num_samples=spec.total_trials,
             max_concurrent_trials=max_concurrent_trials(spec), metric=spec.metric, mode=spec.mode,
@@ -516,3 +540,123 @@ def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
             failure_config=tune.FailureConfig(max_failures=0), verbose=verbose,
         ),
     )
+
+
+# --- named studies and the CLI ---------------------------------------------------------------
+
+_LR = Float(3e-4, 3e-3, log=True)
+_WARMUP = Int(10, 100)
+_NOISE = Choice(["geometric", "loglinear"])
+_SIGMA_MIN = Float(1e-5, 1e-3, log=True, when={"noise": "geometric"})
+
+
+@STUDIES.register("graph-ablation")
+def graph_ablation(**kw: Any) -> StudySpec:
+    """Uniform vs absorbing; noise schedule, lr and warm-up tuned within each graph."""
+    return StudySpec(name="graph-ablation", ablate="graph", levels=["uniform", "absorb"],
+                     space={"lr": _LR, "warmup_steps": _WARMUP, "noise": _NOISE,
+                            "sigma_min": _SIGMA_MIN}, **kw)
+
+
+@STUDIES.register("noise-ablation")
+def noise_ablation(graph: str = "absorb", **kw: Any) -> StudySpec:
+    """Geometric vs loglinear for one graph; lr and warm-up tuned within each schedule."""
+    kw.setdefault("name", f"noise-ablation-{graph}")
+    kw["fixed"] = {"graph": graph, **kw.get("fixed", {})}
+    return StudySpec(ablate="noise", levels=["geometric", "loglinear"],
+                     space={"lr": _LR, "warmup_steps": _WARMUP,
+                            "sigma_min": _SIGMA_MIN}, **kw)
+
+
+@STUDIES.register("model-size")
+def model_size_sweep(sizes: Sequence[str] = ("tiny", "mini", "base"), **kw: Any) -> StudySpec:
+    """A size sweep (each size its own lr); the bound against parameters and compute."""
+    return StudySpec(name="model-size", ablate="model", levels=list(sizes),
+                     space={"lr": _LR}, **kw)
+
+
+@STUDIES.register("search")
+def joint_search(**kw: Any) -> StudySpec:
+    """Optuna over every axis together."""
+    return StudySpec(name="search", space={
+        "graph": Choice(["uniform", "absorb"]), "noise": _NOISE, "sigma_min": _SIGMA_MIN,
+        "lr": _LR, "warmup_steps": _WARMUP, "batch_size": Choice([8, 16, 32]),
+    }, **kw)
+
+
+# The smoke preset's training length for --smoke-test; seconds per trial on CPU.
+SMOKE_FIXED = {"steps": 20, "eval_every": 10, "ckpt_every": 10, "log_every": 5}
+
+
+def add_study_flags(p: Any, default_trials: int = 2) -> None:
+    """Flags every study script shares (experiments/*.py and ``python -m sedd_ray.study``)."""
+    p.add_argument("--preset", default=None, help="base preset of every trial (default: the study's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per trial")
+    p.add_argument("--trials-per-level", type=int, default=default_trials)
+    p.add_argument("--num-trials", type=int, default=4, help="search mode: number of trials")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, reused by every level")
+    p.add_argument("--storage", default="results", help="results folder or URI (s3://...)")
+    p.add_argument("--name", default=None, help="study name (default: the study's)")
+    p.add_argument("--address", default=None, help="Ray cluster address, e.g. auto")
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per Train worker")
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--max-concurrent", type=int, default=0, help="0 = from the cluster's resources")
+    p.add_argument("--asha", action="store_true", help="early-stop weak trials with ASHA")
+    p.add_argument("--resume", action="store_true", help="restore an interrupted study")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a parameter for every trial, e.g. --set batch_size=32")
+    p.add_argument("--smoke-test", action="store_true", help="seconds per trial, 1 trial per level")
+
+
+def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
+    """Build and validate the named study from :func:`add_study_flags` arguments."""
+    fixed: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        fixed[k.strip()] = v.strip()
+    kw: dict[str, Any] = dict(
+        trials_per_level=args.trials_per_level, num_trials=args.num_trials,
+        seeds=[int(s) for s in str(args.seeds).split(",") if s.strip()],
+        num_workers=args.workers_per_trial, gpus_per_worker=args.gpus_per_trial,
+        cpus_per_worker=args.cpus_per_worker, max_concurrent=args.max_concurrent,
+        asha=args.asha, **study_kw,
+    )
+    if args.preset:
+        kw["base"] = args.preset
+    if args.smoke_test:
+        kw.update(base="smoke", trials_per_level=1, num_trials=2)
+        fixed = {**SMOKE_FIXED, "progress": False, **fixed}
+    else:
+        fixed.setdefault("progress", False)  # Tune's table is the progress display
+    if args.steps:
+        fixed["steps"] = args.steps
+    if args.name:
+        kw["name"] = args.name
+    kw["fixed"] = fixed
+    return STUDIES.get(study)(**kw).validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m sedd_ray.study",
+                                description="Run a named study: " + ", ".join(STUDIES))
+    p.add_argument("study", help=f"one of: {', '.join(STUDIES)}")
+    add_study_flags(p)
+    args = p.parse_args(argv)
+    try:
+        spec = spec_from_args(args.study, args)
+        study_dir = run_study(spec, args.storage, resume=args.resume, address=args.address)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"study directory: {study_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

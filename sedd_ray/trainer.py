@@ -505,8 +505,7 @@ class Trainer:
         if true_nll is not None and metrics.get("val_nll") is not None:
             metrics.update(true_nll=true_nll, bound_gap=metrics["val_nll"] - true_nll)
         metrics.update(n_params=result.n_params, n_params_non_embedding=result.n_params_non_embedding,
-                       tokens_seen=self.tokens, wall_time_s=result.wall_time_s,
-                       samples=result.samples)
+                       tokens_seen=self.tokens, wall_time_s=result.wall_time_s)
         self._emit({**metrics, "final": True}, written)
         if self.is_main:
             ckpt.atomic_write_text(self.out / "final.json", json.dumps(asdict(result), indent=1))
