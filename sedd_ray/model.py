@@ -191,6 +191,10 @@ class ScoreModel(nn.Module):
         out = N for the time-independent (RADD) model, which ignores sigma_bar (pass None),
         else graph.dim.
         """
+        return self._raw(x_t, sigma_bar).float()
+
+    def _raw(self, x_t: torch.Tensor, sigma_bar: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`backbone` in the compute dtype (bfloat16 under autocast)."""
         if x_t.dim() != 2:
             raise ValueError(f"x_t must have shape (B, L), got {tuple(x_t.shape)}")
         B, L = x_t.shape
@@ -205,7 +209,7 @@ class ScoreModel(nn.Module):
         cos, sin = rotary_cos_sin(L, self.cfg.hidden_size // self.cfg.n_heads, x.device)
         for block in self.blocks:
             x = block(x, c, cos, sin)
-        return self.output_layer(x, c).float()
+        return self.output_layer(x, c)
 
     def forward(self, x_t: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
         """Log-scores (B, L, dim) float32 from x_t (B, L) long and sigma_bar (B,) float."""
@@ -214,26 +218,43 @@ class ScoreModel(nn.Module):
         if sigma_bar.numel() not in (1, B):
             raise ValueError(f"sigma_bar must have shape (B,) = ({B},), got {tuple(sigma_bar.shape)}")
         sigma_bar = sigma_bar.expand(B)
-        raw = self.backbone(x_t, None if self.time_independent else sigma_bar)
+        # Post-processing allocates one (B, L, dim) float32 tensor and edits it in place
+        # (the (B, L, dim) output is the largest activation of the model).
         if self.time_independent:
-            log_p = raw.log_softmax(dim=-1) - log_expm1(sigma_bar)[:, None, None]  # (B, L, N)
-            log_score = torch.cat([log_p, log_p.new_full((B, L, 1), MASK_LOG_SCORE)], dim=-1)
-        elif self.scale_by_sigma:
-            log_score = raw - log_expm1(sigma_bar)[:, None, None] - math.log(self.dim - 1)
+            log_p = self._raw(x_t, None).float().log_softmax(dim=-1)
+            return self.log_score_from_denoiser(log_p, x_t, sigma_bar)
+        raw = self._raw(x_t, sigma_bar)
+        if self.scale_by_sigma:
+            shift = log_expm1(sigma_bar) + math.log(self.dim - 1)  # (B,) float32
+            log_score = raw - shift[:, None, None]  # float32 even for a bfloat16 raw
         else:
-            log_score = raw
-        return log_score.scatter(-1, x_t[..., None], 0.0)
+            log_score = raw.float()
+        return log_score.scatter_(-1, x_t[..., None], 0.0)
+
+    def log_score_from_denoiser(self, log_p: torch.Tensor, x_t: torch.Tensor,
+                                sigma_bar: torch.Tensor) -> torch.Tensor:
+        """RADD: log-scores (B, L, dim) from log p(x0 | x_t) (B, L, N) and sigma_bar (B,).
+
+        ``forward`` of a time-independent model is exactly
+        ``log_score_from_denoiser(denoiser_logprobs(x_t), x_t, sigma_bar)``, bit for bit:
+        a sampler that caches :meth:`denoiser_logprobs` reproduces it.
+        """
+        B, L = x_t.shape
+        sigma_bar = sigma_bar.to(torch.float32).expand(B)
+        log_score = F.pad(log_p, (0, 1), value=MASK_LOG_SCORE)  # (B, L, N + 1)
+        log_score[..., :-1].sub_(log_expm1(sigma_bar)[:, None, None])
+        return log_score.scatter_(-1, x_t[..., None], 0.0)
 
     def denoiser_logprobs(self, x_t: torch.Tensor) -> torch.Tensor:
         """RADD only: log p(x0 | x_t) over the N real tokens, (B, L) -> (B, L, N) float32.
 
         Meaningful at masked positions; it does not depend on sigma_bar, so a sampler may
-        reuse it until some token changes.
+        reuse it until some token changes (see :class:`sedd_ray.diffusion.DenoiserScore`).
         """
         if not self.time_independent:
             raise ValueError("denoiser_logprobs needs a time-independent model; build it "
                              "with model.time_conditioning=False (absorbing graph)")
-        return self.backbone(x_t, None).log_softmax(dim=-1)
+        return self._raw(x_t, None).float().log_softmax(dim=-1)
 
     def num_parameters(self, non_embedding: bool = True) -> int:
         return count_parameters(self)["non_embedding" if non_embedding else "total"]

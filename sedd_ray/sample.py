@@ -5,8 +5,10 @@
     python -m sedd_ray.sample --checkpoint runs/x/checkpoints/ckpt-00000200 \\
         --prefix "ROMEO:" --suffix "." --length 64 --jsonl samples.jsonl
 
-Loads the EMA weights (checksummed, ``weights_only=True``) and the tokenizer saved in
-the checkpoint, so no corpus or hub is needed. Deterministic for a fixed ``--seed``.
+``--trial best`` is the finished trial with the lowest ``val_nll``. Loads the EMA weights
+(checksummed, ``weights_only=True``) and the tokenizer saved in the checkpoint, so no
+corpus or hub is needed. ``--prefix``/``--suffix`` pin the first/last tokens (infilling).
+Deterministic for a fixed ``--seed`` on the same device.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ import torch
 from sedd_ray import checkpoint as ckpt
 from sedd_ray.config import ConfigError, RunConfig
 
+MASK_TEXT = "[MASK]"  # an id >= vocab_size (the absorbing mask), as DataBundle.decode shows it
+
 
 @dataclass
 class LoadedModel:
@@ -31,7 +36,8 @@ class LoadedModel:
     model: torch.nn.Module
     graph: Any
     noise: Any
-    tokenizer: Any
+    tokenizer: Any  # a tokenizers.Tokenizer
+    vocab_size: int
     cfg: RunConfig
     step: int
     path: Path
@@ -40,43 +46,53 @@ class LoadedModel:
     def generate(self, *, num_samples: int = 4, length: int = 128, steps: int = 128,
                  predictor: str = "analytic", seed: int = 0, prefix: str = "", suffix: str = "",
                  progress: bool = False) -> list[str]:
+        """``num_samples`` texts of ``length`` tokens; ``prefix``/``suffix`` are pinned."""
         from sedd_ray.diffusion import conditioning_from_prefix_suffix, sample
 
+        if length < 1:
+            raise ValueError(f"--length must be >= 1, got {length}")
         if length > self.cfg.model.max_seq_len:
             raise ValueError(f"--length {length} exceeds the model's max_seq_len "
                              f"{self.cfg.model.max_seq_len}")
         device = next(self.model.parameters()).device
-        pre = self._encode(prefix)
-        suf = self._encode(suffix)
+        pre, suf = self.encode(prefix), self.encode(suffix)
         if len(pre) + len(suf) > length:
-            raise ValueError(f"--prefix and --suffix take {len(pre) + len(suf)} tokens, more than "
-                             f"--length {length}; shorten them or raise --length")
+            what = {(True, False): "--prefix takes", (False, True): "--suffix takes"}.get(
+                (bool(pre), bool(suf)), "--prefix and --suffix take")
+            raise ValueError(f"{what} {len(pre) + len(suf)} tokens, more than --length "
+                             f"{length}; shorten it or raise --length")
         fixed_mask = fixed_tokens = None
         if pre or suf:
             fixed_mask, fixed_tokens = conditioning_from_prefix_suffix(pre, suf, length, num_samples)
-            fixed_mask, fixed_tokens = fixed_mask.to(device), fixed_tokens.to(device)
         g = torch.Generator(device=device).manual_seed(seed)
 
         def score_fn(x: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
-            return self.model(x, sigma_bar).float().exp()
+            return self.model(x, sigma_bar).float().exp()  # (B, L, dim) scores
 
         x = sample(score_fn, self.graph, self.noise, batch=num_samples, length=length, steps=steps,
                    predictor=predictor, denoise=True, eps=self.cfg.diffusion.sampling_eps,
                    generator=g, device=device, fixed_mask=fixed_mask, fixed_tokens=fixed_tokens,
                    progress=progress)
-        return [self.tokenizer.decode(row.tolist(), skip_special_tokens=False,
-                                      clean_up_tokenization_spaces=False) for row in x.cpu()]
+        return [self.decode(row.tolist()) for row in x.cpu()]
 
-    def _encode(self, text: str) -> list[int]:
-        if not text:
-            return []
-        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; an id outside the vocabulary (the absorbing mask) shows as [MASK]."""
+        parts, run = [], []
+        for i in ids:
+            if 0 <= i < self.vocab_size:
+                run.append(i)
+            else:
+                parts += [self.tokenizer.decode(run, skip_special_tokens=False), MASK_TEXT]
+                run = []
+        return "".join(parts) + self.tokenizer.decode(run, skip_special_tokens=False)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a checkpoint directory for sampling; raises CheckpointError with the reason."""
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     from sedd_ray.diffusion import get_graph, get_noise
     from sedd_ray.model import ScoreModel
@@ -86,41 +102,71 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     state, meta = ckpt.load_checkpoint(path, map_location=device)
     try:
         cfg = RunConfig.from_dict(meta["config"])
-    except (KeyError, ConfigError) as e:
+        vocab = int(meta["vocab_size"])
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise ckpt.CheckpointError(f"checkpoint {path} has no usable config: {e}") from None
     tok_path = path / TOKENIZER_FILE
     if not tok_path.is_file():
         raise ckpt.CheckpointError(f"checkpoint {path} has no {TOKENIZER_FILE}")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_path.read_text()),
-                                        eos_token="<|endoftext|>")
-    vocab = int(meta["vocab_size"])
-    if len(tokenizer) != vocab:
+    try:
+        tokenizer = Tokenizer.from_str(tok_path.read_text())
+    except Exception as e:  # noqa: BLE001 - the tokenizers error types are not exported
+        raise ckpt.CheckpointError(f"checkpoint {path}: unreadable {TOKENIZER_FILE}: {e}") from None
+    if tokenizer.get_vocab_size() != vocab:
         raise ckpt.CheckpointError(
-            f"checkpoint {path}: tokenizer has {len(tokenizer)} tokens but the model was trained "
-            f"with vocab_size {vocab}"
+            f"checkpoint {path}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+            f"was trained with vocab_size {vocab}"
         )
     graph = get_graph(cfg.diffusion.graph, vocab_size=vocab)
     d = cfg.diffusion
     noise = (get_noise("geometric", sigma_min=d.sigma_min, sigma_max=d.sigma_max)
              if d.noise == "geometric" else get_noise(d.noise))
     model = ScoreModel(cfg.model, graph)
-    model.load_state_dict(state["ema"])
+    if "ema" not in state:
+        raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights")
+    try:
+        model.load_state_dict(state["ema"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ckpt.CheckpointError(f"checkpoint {path}: weights do not fit its config: {first}") from None
     model.to(device).eval()
-    return LoadedModel(model, graph, noise, tokenizer, cfg, int(meta["step"]), path)
+    return LoadedModel(model, graph, noise, tokenizer, vocab, cfg, int(meta["step"]), path)
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
-    """The checkpoint to load from ``--checkpoint`` or ``--trial``/``--study``/``--storage``."""
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory from ``path``: the checkpoint itself, a folder with
+    ``latest.json`` (the trainer's ``checkpoints/``), or a run folder holding one."""
+    text = str(path)
+    if "://" in text:
+        raise ckpt.CheckpointError(
+            f"checkpoint {text} is on remote storage; copy it to a local folder and pass "
+            "--checkpoint DIR")
+    p = Path(text)
+    if (p / ckpt.META_FILE).is_file() or not p.is_dir():
+        return p  # a checkpoint, or a missing path that load_checkpoint reports
+    for root in (p, p / "checkpoints", p / "trainer" / "checkpoints"):
+        latest = ckpt.latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    return p
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]:
+    """The checkpoint to load from ``--checkpoint`` or ``--trial``/``--study``/``--storage``,
+    and the trial's Parquet row (None with ``--checkpoint``)."""
     if args.checkpoint:
-        return args.checkpoint, None
+        return checkpoint_dir(args.checkpoint), None
     from sedd_ray.results import best_trial, get_trial, resolve_study
 
     study = resolve_study(args.storage, args.study)
-    row = best_trial(args.storage, study) if args.trial == "best" else get_trial(args.storage, study, args.trial)
+    row = (best_trial(args.storage, study) if args.trial == "best"
+           else get_trial(args.storage, study, args.trial))
     path = row.get("checkpoint_path")
     if not path:
-        raise ckpt.CheckpointError(f"trial {row['trial_id']} of study {study!r} has no checkpoint")
-    return path, row
+        raise ckpt.CheckpointError(
+            f"trial {row['trial_id']} of study {study!r} has no checkpoint (status "
+            f"{row.get('status')}); pick a finished trial or --trial best")
+    return checkpoint_dir(path), row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,23 +175,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trial", default="best", help="'best' (lowest val_nll) or a trial id")
     p.add_argument("--study", default=None, help="study name (optional if only one)")
     p.add_argument("--storage", default="results", help="results folder or URI (default ./results)")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (skips Parquet)")
-    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint directory, or a run folder with latest.json (skips Parquet)")
+    p.add_argument("--steps", type=int, default=128, help="sampling steps (default 128)")
     p.add_argument("--predictor", default="analytic", help="analytic or euler")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--length", type=int, default=None, help="tokens (default: the training seq_len)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix", default="")
-    p.add_argument("--suffix", default="")
+    p.add_argument("--prefix", default="", help="text the samples start with")
+    p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
     p.add_argument("--jsonl", default=None, help="also write the samples as JSON lines")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--smoke-test", action="store_true", help="4 steps, 2 short samples")
     args = p.parse_args(argv)
     if args.smoke_test:
         args.steps, args.num_samples, args.length = 4, 2, args.length or 16
-    for name in ("steps", "num_samples"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+    for name in ("steps", "num_samples", "length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
             return 2
     from sedd_ray.diffusion import PREDICTORS
     from sedd_ray.results import ResultsError
@@ -158,20 +207,27 @@ def main(argv: list[str] | None = None) -> int:
         length = args.length or loaded.cfg.data.seq_len
         texts = loaded.generate(num_samples=args.num_samples, length=length, steps=args.steps,
                                 predictor=args.predictor, seed=args.seed, prefix=args.prefix,
-                                suffix=args.suffix, progress=True)
+                                suffix=args.suffix, progress=not args.no_progress)
     except (ResultsError, ckpt.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    where = f"trial {row['trial_id']} " if row else ""
+    where = f"trial {row['trial_id']} of {row['study']}, " if row else ""
     print(f"# {where}checkpoint {path} (step {loaded.step}, {loaded.cfg.diffusion.graph}/"
-          f"{loaded.cfg.diffusion.noise}), {args.predictor} x {args.steps} steps, seed {args.seed}")
+          f"{loaded.cfg.diffusion.noise}), {args.predictor} x {args.steps} steps, "
+          f"length {length}, seed {args.seed}")
     for i, t in enumerate(texts):
         print(f"--- sample {i} ---\n{t}")
     if args.jsonl:
+        Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
         with open(args.jsonl, "w") as f:
             for i, t in enumerate(texts):
-                f.write(json.dumps({"index": i, "seed": args.seed, "checkpoint": str(path),
-                                    "text": t}) + "\n")
+                f.write(json.dumps({
+                    "index": i, "text": t, "seed": args.seed, "steps": args.steps,
+                    "predictor": args.predictor, "length": length, "prefix": args.prefix,
+                    "suffix": args.suffix, "checkpoint": str(path), "step": loaded.step,
+                    "study": row["study"] if row else None,
+                    "trial_id": row["trial_id"] if row else None,
+                }) + "\n")
         print(f"wrote {args.jsonl}")
     return 0
 

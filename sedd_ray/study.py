@@ -103,6 +103,7 @@ class StudySpec:
     max_concurrent: int = 0  # 0 = derived from the cluster's resources
     max_failures: int = 1  # Train-level retries of one trial
     searcher_seed: int = 0
+    points: list[dict[str, Any]] = field(default_factory=list)  # search mode: tried first
 
     def validate(self) -> StudySpec:
         # A fixed parameter is not searched (``--set lr=1e-3`` pins it).
@@ -122,6 +123,11 @@ class StudySpec:
             raise ConfigError("a study needs at least one seed")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"mode must be min or max, got {self.mode!r}")
+        for point in self.points:
+            try:
+                self.trial_config({**point})
+            except ConfigError as e:
+                raise ConfigError(f"study {self.name!r}, point {point}: {e}") from None
         # Fail before any compute: every level x every choice must build a valid config.
         for level in self.levels or [None]:
             params = dict(self.fixed)
@@ -177,13 +183,14 @@ class DefineByRun:
 
 
 def _optuna_search(space: Mapping[str, Param], constants: Mapping[str, Any], metric: str,
-                   mode: str, seed: int):
+                   mode: str, seed: int, points: list[dict[str, Any]] | None = None):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return OptunaSearch(space=DefineByRun(space, constants), metric=metric, mode=mode,
-                        sampler=optuna.samplers.TPESampler(seed=seed))
+                        sampler=optuna.samplers.TPESampler(seed=seed),
+                        points_to_evaluate=list(points) if points else None)
 
 
 def make_searcher(spec: StudySpec):
@@ -201,7 +208,8 @@ def make_searcher(spec: StudySpec):
             self.per_level = spec.trials_per_level if spec.ablate else spec.num_trials
             self.subs = [
                 _optuna_search(spec.space, {**spec.fixed, **({spec.ablate: lv} if spec.ablate else {})},
-                               spec.metric, spec.mode, spec.searcher_seed)
+                               spec.metric, spec.mode, spec.searcher_seed,
+                               None if spec.ablate else spec.points)
                 for lv in self.levels
             ]
             self.counts = [0] * len(self.levels)
@@ -277,17 +285,14 @@ def _trial_driver(config: dict[str, Any], spec: dict[str, Any], storage: str) ->
     params = {k: v for k, v in config.items() if k != "level"}
     cfg = spec.trial_config(params)  # ConfigError -> the trial errors with the message
     trial_id = ray.tune.get_context().get_trial_id()
-    final = launch(
+    # The workers' reports reach Tune through TuneReportCallback, the final one with the
+    # final checkpoint's path ("checkpoint_path"); nothing more to report here.
+    launch(
         cfg, name=trial_id, storage=f"{storage.rstrip('/')}/{spec.name}/train",
         num_workers=spec.num_workers, gpus_per_worker=spec.gpus_per_worker,
         cpus_per_worker=spec.cpus_per_worker, max_failures=spec.max_failures,
         callbacks=[TuneReportCallback()], group=spec.name,
     )
-    summary = {k: v for k, v in final.items() if isinstance(v, (int, float, str)) and
-               k not in ("done", "pid", "hostname", "node_ip", "date", "timestamp")}
-    summary["checkpoint_path"] = final.get("checkpoint_dir") or ""
-    summary["summary"] = True
-    ray.tune.report(summary)
 
 
 # --- results callback ----------------------------------------------------------------------
@@ -525,8 +530,12 @@ def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
         )
     reporter = tune.CLIReporter(
         metric_columns=["step", "train_loss", "val_nll", "val_ppl_bound"],
-        parameter_columns=[p for p in ["level", "graph", "noise", "model", "lr", "seed"]],
-        max_report_frequency=30, metric=spec.metric, mode=spec.mode,
+        # Only keys every trial's config has: the reporter's best-trial line raises a
+        # KeyError on a missing one (e.g. "model" in a graph ablation, a conditional param).
+        parameter_columns=[c for c in dict.fromkeys(
+            ["level" if spec.ablate else None, spec.ablate,
+             *(k for k, p in spec.space.items() if p.when is None), "seed"]) if c],
+        max_report_frequency=30,
     )
     return tune.Tuner(
         driver,
@@ -592,8 +601,11 @@ def add_study_flags(p: Any, default_trials: int = 2) -> None:
     """Flags every study script shares (experiments/*.py and ``python -m sedd_ray.study``)."""
     p.add_argument("--preset", default=None, help="base preset of every trial (default: the study's)")
     p.add_argument("--steps", type=int, default=None, help="training steps per trial")
-    p.add_argument("--trials-per-level", type=int, default=default_trials)
-    p.add_argument("--num-trials", type=int, default=4, help="search mode: number of trials")
+    p.add_argument("--trials-per-level", type=int, default=None,
+                   help=f"ablation: trials per level (default {default_trials}; 1 with --smoke-test)")
+    p.add_argument("--num-trials", type=int, default=None,
+                   help="search mode: number of trials (default 4; 2 with --smoke-test)")
+    p.set_defaults(default_trials=default_trials)
     p.add_argument("--seeds", default="0", help="comma-separated seeds, reused by every level")
     p.add_argument("--storage", default="results", help="results folder or URI (s3://...)")
     p.add_argument("--name", default=None, help="study name (default: the study's)")
@@ -618,7 +630,9 @@ def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
         k, v = item.split("=", 1)
         fixed[k.strip()] = v.strip()
     kw: dict[str, Any] = dict(
-        trials_per_level=args.trials_per_level, num_trials=args.num_trials,
+        trials_per_level=args.trials_per_level
+        or (1 if args.smoke_test else getattr(args, "default_trials", 2)),
+        num_trials=args.num_trials or (2 if args.smoke_test else 4),
         seeds=[int(s) for s in str(args.seeds).split(",") if s.strip()],
         num_workers=args.workers_per_trial, gpus_per_worker=args.gpus_per_trial,
         cpus_per_worker=args.cpus_per_worker, max_concurrent=args.max_concurrent,
@@ -627,7 +641,7 @@ def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
     if args.preset:
         kw["base"] = args.preset
     if args.smoke_test:
-        kw.update(base="smoke", trials_per_level=1, num_trials=2)
+        kw["base"] = "smoke"
         fixed = {**SMOKE_FIXED, "progress": False, **fixed}
     else:
         fixed.setdefault("progress", False)  # Tune's table is the progress display

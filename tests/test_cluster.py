@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -240,67 +241,35 @@ def test_fake_config_mirrors_cluster_yaml(cfg):
 
 # --- a study on the fake cluster ---------------------------------------------------------------
 
-# The driver runs in its own process, as `python experiments/... --address ...` would on the
-# head. WORKLOAD "tune": a Tune study in the shape of sedd_ray.study (a function trainable per
-# trial, CPU 0 + the driver resource, that runs sedd_ray.launch.launch with
-# TuneReportCallback). "run_study": sedd_ray.study.run_study itself (select it with
-# SEDD_CLUSTER_TEST_WORKLOAD=run_study; see the README of the cluster section).
-DRIVER = textwrap.dedent('''
-    import json, sys, time
-    import ray
-    from ray import tune
+STUDY = "fake_cluster"
+FIXED = {"steps": 10, "eval_every": 10, "ckpt_every": 10, "log_every": 5}
 
-    workload, storage, driver_resource = sys.argv[1], sys.argv[2], sys.argv[3]
+# The study's driver runs in its own process, as `python experiments/... --address auto`
+# does on the head: sedd_ray.study.run_study, 2 trials of 1 Train worker each, 2 at a time.
+DRIVER = textwrap.dedent('''
+    import json, sys
+    import ray
+    from sedd_ray.results import read_trials
+    from sedd_ray.study import StudySpec, run_study
+
+    storage, study, fixed = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     ray.init()  # RAY_ADDRESS points at the fake cluster
     head = ray.get_runtime_context().get_node_id()
     alive = lambda: [n for n in ray.nodes() if n["Alive"]]
-    before = len(alive())
-    fixed = {"steps": 10, "eval_every": 10, "ckpt_every": 10, "log_every": 5}
-    out = {"before": before, "head": head}
-
-    if workload == "run_study":
-        import dataclasses
-        from sedd_ray.results import read_trials
-        from sedd_ray.study import StudySpec, run_study
-        kw = {}
-        if "driver_resources" in {f.name for f in dataclasses.fields(StudySpec)}:
-            kw["driver_resources"] = {driver_resource: 1}
-        else:  # until study.py takes the option: request it the way study.py should
-            orig = tune.with_resources
-            tune.with_resources = lambda t, r: orig(t, {**r, driver_resource: 1})
-        spec = StudySpec(name="fake_cluster", base="smoke", fixed=fixed, num_trials=2,
-                         num_workers=1, cpus_per_worker=1, max_concurrent=2, max_failures=0,
-                         **kw)
-        run_study(spec, storage, verbose=0)
-        rows = read_trials(storage, "fake_cluster").to_dict("records")
-        out["trials"] = [{"status": r["status"], "step": int(r["step"])} for r in rows]
-    else:
-        def trial(config):
-            from ray.tune.integration.ray_train import TuneReportCallback
-            from sedd_ray.config import apply_params, preset
-            from sedd_ray.launch import launch
-
-            cfg = apply_params(preset("smoke"), {**fixed, "seed": config["seed"]}).validate()
-            final = launch(cfg, name=tune.get_context().get_trial_id(),
-                           storage=config["storage"] + "/train", num_workers=1,
-                           cpus_per_worker=1, max_failures=0, callbacks=[TuneReportCallback()])
-            tune.report({"final_step": final["step"], "summary": True,
-                         "driver_node": ray.get_runtime_context().get_node_id()})
-
-        tuner = tune.Tuner(
-            tune.with_resources(trial, {"CPU": 0, driver_resource: 1}),
-            param_space={"seed": tune.grid_search([0, 1]), "storage": storage},
-            tune_config=tune.TuneConfig(max_concurrent_trials=2),
-            run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0),
-        )
-        results = tuner.fit()
-        out["errors"] = [str(e)[-500:] for e in results.errors]
-        out["trials"] = [{"status": "terminated" if r.error is None else "error",
-                          "step": r.metrics.get("final_step"),
-                          "driver_node": r.metrics.get("driver_node")} for r in results]
+    out = {"head": head, "before": len(alive())}
+    spec = StudySpec(name=study, base="smoke", fixed=fixed, num_trials=2, num_workers=1,
+                     cpus_per_worker=1, max_concurrent=2, max_failures=0)
+    run_study(spec, storage, verbose=0)
     nodes = alive()
     out["after"] = len(nodes)
     out["worker_cpus"] = sorted(n["Resources"].get("CPU", 0) for n in nodes if n["NodeID"] != head)
+    out["trials"] = [{"status": r["status"], "step": int(r["step"])}
+                     for r in read_trials(storage, spec.name).to_dict("records")]
+    from ray.util.state import list_actors
+    placed = {}
+    for a in list_actors(detail=True, limit=10000, raise_on_missing_output=False):
+        placed.setdefault(a.class_name, []).append(a.node_id)
+    out["actors"] = placed
     print("RESULT " + json.dumps(out), flush=True)
 ''')
 
@@ -399,13 +368,16 @@ def _stop_cluster(root: subprocess.Popen, tracker: _Tracker, marker: str) -> lis
 @pytest.mark.ray
 @pytest.mark.slow
 def test_fake_cluster_autoscales_gpu_workers_for_a_study(cfg, tmp_path_factory):
-    workload = os.environ.get("SEDD_CLUSTER_TEST_WORKLOAD", "tune")
     import ray._private.services as services
 
+    from sedd_ray.config import apply_params, preset
+    from sedd_ray.data import load_data
+    from sedd_ray.study import DRIVER_RESOURCE
+
+    assert DRIVER_RESOURCE == cluster.DRIVER_RESOURCE  # what study.py asks for is on the head
     # A short private temp dir (Ray's socket paths must stay under 107 bytes) that names
     # every process of this cluster, and private ports: other Ray instances may be running.
-    base = Path(os.environ.get("SEDD_CLUSTER_TEST_TMP", "/tmp"))
-    tmp = Path(_mkdtemp(base))
+    tmp = Path(tempfile.mkdtemp(prefix="sedd-fk-", dir="/tmp"))
     storage = tmp_path_factory.mktemp("cluster-study")
     ip = services.get_node_ip_address()
     port = _free_port()
@@ -419,8 +391,8 @@ def test_fake_cluster_autoscales_gpu_workers_for_a_study(cfg, tmp_path_factory):
     env.update({
         "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-        # Every process (drivers, Train's placement-group cleaner...) resolves "auto" to
-        # this cluster, not to another Ray instance running on the same machine.
+        # Every process (the driver, Train's placement-group cleaner...) resolves its
+        # address to this cluster, never to another Ray instance on the same machine.
         "RAY_ADDRESS": gcs,
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
@@ -437,18 +409,20 @@ def test_fake_cluster_autoscales_gpu_workers_for_a_study(cfg, tmp_path_factory):
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     tracker = _Tracker(root.pid, str(tmp))
-    driver_out = ""
+    driver_out, proc = "", None
     try:
+        # While the head starts: the trials' data, in the shared cache (SEDD_RAY_CACHE),
+        # so that the two trial drivers do not both build it.
+        run_cfg = apply_params(preset("smoke"), FIXED).validate()
+        load_data(run_cfg.data, seed=run_cfg.train.seed)
         while "Ray runtime started" not in (tmp / "head.log").read_text():
             assert root.poll() is None, (tmp / "head.log").read_text()[-3000:]
             assert time.time() - t0 < 120, "the head did not start in 120 s"
             time.sleep(0.5)
         t_head = time.time() - t0
         (tmp / "driver.py").write_text(DRIVER)
-        proc = subprocess.run(
-            [sys.executable, str(tmp / "driver.py"), workload, str(storage), cluster.DRIVER_RESOURCE],
-            env=env, capture_output=True, text=True, timeout=420,
-        )
+        proc = subprocess.run([sys.executable, str(tmp / "driver.py"), str(storage), STUDY, json.dumps(FIXED)],
+                              env=env, capture_output=True, text=True, timeout=420)
         driver_out = proc.stdout + proc.stderr
         (tmp / "driver.log").write_text(driver_out)
         t_study = time.time() - t0 - t_head
@@ -456,24 +430,21 @@ def test_fake_cluster_autoscales_gpu_workers_for_a_study(cfg, tmp_path_factory):
         left = _stop_cluster(root, tracker, str(tmp))
         head_log.close()
     line = next((ln for ln in driver_out.splitlines() if ln.startswith("RESULT ")), None)
-    assert proc.returncode == 0 and line, driver_out[-6000:]
+    assert proc.returncode == 0 and line, f"{driver_out[-6000:]}\n(logs in {tmp})"
     out = json.loads(line[len("RESULT "):])
-    print(f"head up in {t_head:.1f} s, study in {t_study:.1f} s, total {time.time() - t0:.1f} s;"
-          f" nodes {out['before']} -> {out['after']} (worker CPU slots {out['worker_cpus']})")
+    print(f"head up {t_head:.1f} s, study {t_study:.1f} s, total {time.time() - t0:.1f} s; nodes "
+          f"{out['before']} -> {out['after']} (worker CPU slots {out['worker_cpus']})")
     assert left == [], f"processes left running: {left}"
 
     assert out["before"] == 1  # only the head (CPU 0) at the start ...
     assert out["after"] > out["before"]  # ... the autoscaler added worker nodes
     assert len(out["trials"]) == 2
-    assert all(t["status"] == "terminated" and t["step"] == 10 for t in out["trials"]), out
-    for t in out["trials"]:  # the per-trial drivers ran on the head (the driver resource)
-        if "driver_node" in t:
-            assert t["driver_node"] == out["head"]
+    assert all(t["status"] == "terminated" and t["step"] == FIXED["steps"] for t in out["trials"]), out
+    # Train workers ran on autoscaled nodes, the per-trial drivers on the head.
+    workers = out["actors"].get("RayTrainWorker", [])
+    assert len(workers) == 2 and out["head"] not in workers, out["actors"]
+    drivers = out["actors"].get("ImplicitFunc", [])  # Tune's actor for a function trainable
+    assert len(drivers) == 2 and set(drivers) == {out["head"]}, out["actors"]
+    assert set(out["actors"].get("TrainController", [])) == {out["head"]}, out["actors"]
     if not os.environ.get("SEDD_CLUSTER_TEST_KEEP"):
         shutil.rmtree(tmp, ignore_errors=True)  # kept on failure: head.log, driver.log, r/
-
-
-def _mkdtemp(base: Path) -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="sedd-fk-", dir=base)

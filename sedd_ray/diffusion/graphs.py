@@ -60,16 +60,28 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     Negative entries are clamped to 0 and rows are renormalised; the draw is an inverse
     CDF in float64 (float32 Gumbel-max lowers the effective temperature). A row with no
     positive mass draws uniformly over its K entries; a non-finite entry raises.
+    ``probs`` is not modified.
     """
-    p = probs.detach().to(torch.float64).clamp_min(0.0)
-    total = p.sum(dim=-1, keepdim=True)
+    p = probs.detach()
+    p = p.to(torch.float64) if p.dtype != torch.float64 else p.clone()
+    return _draw_(p, generator)
+
+
+def _draw_(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`sample_categorical` of a float64 (*, K) tensor that it may overwrite.
+
+    Works in place (clamp, then cumsum): one pass less than a copy each. Draws exactly
+    what the textbook version (clamp, renormalise, cumsum, searchsorted) draws.
+    """
+    cdf = p.clamp_min_(0.0).cumsum_(dim=-1)
+    total = cdf[..., -1:]  # (*, 1)
     if not bool(torch.isfinite(total).all()):
         raise ValueError("sample_categorical got non-finite probabilities (NaN or inf scores?)")
-    p = torch.where(total > 0, p, torch.ones_like(p))
-    cdf = p.cumsum(dim=-1)
-    u = _rand(cdf.shape[:-1] + (1,), generator, cdf.device) * cdf[..., -1:]
-    idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True)
-    return idx.clamp_max(p.shape[-1] - 1).squeeze(-1)
+    r = _rand(cdf.shape[:-1] + (1,), generator, cdf.device)
+    idx = torch.searchsorted(cdf.contiguous(), r * total, right=True)
+    k = p.shape[-1]
+    idx = torch.where(total > 0, idx, (r * k).long())  # no mass: uniform over the K entries
+    return idx.clamp_max(k - 1).squeeze(-1)
 
 
 # --- the base class ---------------------------------------------------------------------------
@@ -190,6 +202,30 @@ class Graph(abc.ABC):
         probs = rate.scatter_add(-1, i[..., None], torch.ones_like(rate[..., :1]))
         return sample_categorical(probs, generator)
 
+    def euler_probs(self, i: torch.Tensor, score: torch.Tensor,
+                    step: torch.Tensor | float) -> torch.Tensor:
+        """The Euler step's distribution ``onehot(i) + step * reverse_rate(i, score)``.
+
+        Unnormalised (negatives are clamped by the draw). ``i`` (*), ``score`` (*, dim),
+        ``step`` (= dt sigma(t)) broadcastable to ``i``'s shape -> (*, dim), float64 for a
+        float64 step. Subclasses may override it with a cheaper closed form.
+        """
+        step = _as_float(step, score)[..., None]
+        rate = self.transp_rate(i, dtype=score.dtype).mul_(score)
+        rate.scatter_(-1, i[..., None], 0.0)
+        diag = -rate.sum(dim=-1, keepdim=True)
+        probs = rate * step
+        return probs.scatter_(-1, i[..., None], 1.0 + step * diag)
+
+    def tweedie_probs(self, i: torch.Tensor, score: torch.Tensor,
+                      dsigma: torch.Tensor | float) -> torch.Tensor:
+        """The analytic step's distribution ``staggered_score(score, d) * transp_transition(i, d)``.
+
+        Unnormalised. ``i`` (*), ``score`` (*, dim), ``dsigma`` broadcastable to ``i``'s
+        shape -> (*, dim). Subclasses may override it with a cheaper closed form.
+        """
+        return self.staggered_score(score, dsigma) * self.transp_transition(i, dsigma)
+
     @abc.abstractmethod
     def staggered_score(self, score: torch.Tensor, dsigma: torch.Tensor | float) -> torch.Tensor:
         """``exp(-dsigma Q) s``: the ratio ``p_{sigma - dsigma}(y) / p_sigma(x)``.
@@ -226,6 +262,91 @@ class Graph(abc.ABC):
 
 def _score_dtype(log_score: torch.Tensor) -> torch.dtype:
     return torch.promote_types(log_score.dtype, torch.float32)
+
+
+def _no_grad_sigma(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    sigma = _as_float(sigma, like)
+    if sigma.requires_grad and torch.is_grad_enabled():
+        raise ValueError("score_entropy differentiates with respect to log_score only; pass "
+                         "sigma detached (sigma.detach())")
+    return sigma
+
+
+# --- fused score entropy ------------------------------------------------------------------
+#
+# The loss reads a (*, dim) log-score; a plain autograd formulation allocates several
+# (*, dim) temporaries in the forward pass (masked copies, exp) and as many again in the
+# backward pass. These Functions allocate exactly one (*, dim) float tensor: it holds
+# exp(l) in the forward pass, is saved, and becomes the gradient in place in the backward
+# pass (so a second backward through the same graph raises, as for any in-place op).
+# The formulas are those of the graphs' docstrings; tests/test_perf_features.py checks
+# values and gradients against the unfused formulation.
+
+
+class _AbsorbSE(torch.autograd.Function):
+    """Absorbing SE: ``sum_{y != x_0, mask} e^{l_y} + phi(l_{x_0} + log E) / E`` at masks.
+
+    ``ls`` (*, dim) float, ``x0`` (*) long, ``masked`` (*) bool, ``e`` (*) = expm1(sigma).
+    """
+
+    @staticmethod
+    def forward(ctx, ls, x0, masked, e):
+        idx = x0[..., None]
+        buf = torch.exp(ls)  # the one (*, dim) tensor
+        buf[..., -1] = 0.0  # the mask column is unused
+        buf.scatter_(-1, idx, 0.0)  # y = x_0 is the phi term below
+        buf.masked_fill_(~masked[..., None], 0.0)  # unmasked positions contribute 0
+        l_x0 = torch.where(masked, ls.gather(-1, idx).squeeze(-1), 0.0)
+        u = l_x0 + torch.log(e)
+        phi_raw = torch.expm1(u) - u
+        se = buf.sum(-1) + phi_raw.clamp_min(0.0) / e
+        ctx.save_for_backward(buf, idx, masked, e, u, phi_raw >= 0)
+        return torch.where(masked, se, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf, idx, masked, e, u, phi_on = ctx.saved_tensors
+        grad = torch.where(masked, grad, 0.0)
+        out = buf.mul_(grad[..., None])  # d/dl_y e^{l_y} = e^{l_y}, y != x_0
+        g_x0 = torch.where(phi_on, grad * torch.expm1(u) / e, 0.0)  # d/du phi = expm1(u)
+        out.scatter_(-1, idx, g_x0[..., None])
+        return out, None, None, None
+
+
+class _UniformSE(torch.autograd.Function):
+    """Uniform SE (see :class:`Uniform`): ``rest + [x_t != x_0] phi(l_{x_0} + log rho) / (N rho)``.
+
+    ``rest = (1/N) sum e^{l'} - w sum l' + w N (c - 1)`` with ``l'`` = ``l`` set to ``c`` at
+    ``x_t`` and ``x_0``. ``ls`` (*, N) float; ``x``, ``x0`` (*) long; ``c``, ``w``, ``rho``,
+    ``log_rho`` (*) float; ``same`` (*) bool.
+    """
+
+    @staticmethod
+    def forward(ctx, ls, x, x0, c, w, rho, log_rho, same):
+        n = ls.shape[-1]
+        ix, ix0, fill = x[..., None], x0[..., None], c[..., None]
+        buf = ls.scatter(-1, ix, fill).scatter_(-1, ix0, fill)  # the one (*, N) tensor: l'
+        sum_l = buf.sum(-1)
+        rest_raw = buf.exp_().sum(-1) / n - w * sum_l + w * n * (c - 1)
+        rest = rest_raw.clamp_min(0.0)  # a sum of phi >= 0; clamp the rounding
+        l_x0 = torch.where(same, 0.0, ls.gather(-1, ix0).squeeze(-1))
+        u = l_x0 + log_rho
+        phi_raw = torch.expm1(u) - u
+        at_x0 = phi_raw.clamp_min(0.0) / (n * rho)
+        ctx.save_for_backward(buf, ix, ix0, w, rho, same, u, rest_raw >= 0, phi_raw >= 0)
+        return rest + torch.where(same, 0.0, at_x0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf, ix, ix0, w, rho, same, u, rest_on, phi_on = ctx.saved_tensors
+        n = buf.shape[-1]
+        g_rest = torch.where(rest_on, grad, 0.0)
+        # d rest / d l_y = e^{l_y} / N - w off {x_t, x_0}; 0 on them (l' is a constant there)
+        out = buf.mul_((g_rest / n)[..., None]).sub_((g_rest * w)[..., None])
+        out.scatter_(-1, ix, 0.0)
+        g_x0 = torch.where(same | ~phi_on, 0.0, grad * torch.expm1(u) / (n * rho))
+        out.scatter_(-1, ix0, g_x0[..., None])  # x_0 = x_t when same: 0 there
+        return out, None, None, None, None, None, None, None
 
 
 @GRAPHS.register("uniform")
@@ -299,9 +420,10 @@ class Uniform(Graph):
                       x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         n = self.dim
         ls = log_score.to(_score_dtype(log_score))  # (*, N)
-        sigma = _as_float(sigma, x).to(ls.dtype)
+        sigma = _no_grad_sigma(sigma, x).to(ls.dtype)
         shape = torch.broadcast_shapes(x.shape, x0.shape, sigma.shape)
         x, x0 = x.expand(shape), x0.expand(shape)
+        ls = ls.expand(*shape, n)
         e = torch.expm1(sigma.expand(shape))
         rho = e / (e + n)
         log_rho = torch.log(rho)
@@ -310,17 +432,11 @@ class Uniform(Graph):
         # e^c and weight w / r: their part is w sum_y phi(l_y - c). Setting l = c at x_t
         # and x_0 makes those entries phi(0) = 0, so the part is a reduction over all y:
         # w (e^{-c} sum e^l - sum l + N (c - 1)), with w e^{-c} = 1/N in both cases.
+        # x_t != x_0: y = x_0 has r = 1/rho and weight 1/(N rho); it is kept in phi form,
+        # as its two halves are ~ (1/E) log(1/E) each and cancel in float32 otherwise.
         c = torch.where(same, log_rho, 0.0)
         w = torch.where(same, rho / n, 1.0 / n)
-        fill = c[..., None]
-        ls_rest = ls.scatter(-1, x[..., None], fill).scatter(-1, x0[..., None], fill)
-        rest = ls_rest.exp().sum(-1) / n - w * ls_rest.sum(-1) + w * n * (c - 1)
-        rest = rest.clamp_min(0.0)  # a sum of phi >= 0; clamp the rounding
-        # x_t != x_0: y = x_0 has r = 1/rho and weight 1/(N rho); keep it in phi form, as
-        # its two halves are ~ (1/E) log(1/E) each and cancel in float32 otherwise
-        l_x0 = torch.where(same, 0.0, ls.gather(-1, x0[..., None]).squeeze(-1))
-        at_x0 = _phi(l_x0 + log_rho) / (n * rho)
-        return rest + torch.where(same, 0.0, at_x0)
+        return _UniformSE.apply(ls, x, x0, c, w, rho, log_rho, same)
 
     def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
         """Exact ``KL(p(. | x_0) at sigma_bar || uniform)``. ``x0`` (*) -> (*)."""
@@ -422,20 +538,12 @@ class Absorbing(Graph):
     def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
                       x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         ls = log_score.to(_score_dtype(log_score))
-        sigma = _as_float(sigma, x).to(ls.dtype)
+        sigma = _no_grad_sigma(sigma, x).to(ls.dtype)
         shape = torch.broadcast_shapes(x.shape, x0.shape, sigma.shape)
         x, x0 = x.expand(shape), x0.expand(shape)
         e = torch.expm1(sigma.expand(shape))
-        masked = x == self.mask_id
-        tokens = ls[..., : self.mask_id]  # the mask is the last state; its column is unused
-        # y != x_0: true ratio 0, term e^{l_y}. -inf at x_0 and at unmasked positions keeps
-        # exp() there from overflowing or leaking NaN gradients
-        others = tokens.masked_fill(~masked[..., None], float("-inf"))
-        others = others.scatter(-1, x0[..., None], float("-inf"))
-        # y = x_0: ratio 1/E, term (1/E) phi(l + log E), without cancellation
-        l_x0 = torch.where(masked, tokens.gather(-1, x0[..., None]).squeeze(-1), 0.0)
-        se = others.exp().sum(-1) + _phi(l_x0 + torch.log(e)) / e
-        return torch.where(masked, se, 0.0)
+        # y != x_0: true ratio 0, term e^{l_y}; y = x_0: ratio 1/E, term (1/E) phi(l + log E)
+        return _AbsorbSE.apply(ls.expand(*shape, self.dim), x0, x == self.mask_id, e)
 
     def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
         """``-log(1 - e^{-sigma_bar})``: the cost of starting the reverse chain at all-mask.

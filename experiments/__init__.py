@@ -1,0 +1,1 @@
+"""Study scripts (ablations, sweeps) and the Parquet analysis behind their reports."""

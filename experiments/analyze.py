@@ -1,0 +1,790 @@
+"""Analyse a study from its Parquet: a Markdown report with tables, plots and importances.
+
+    python experiments/analyze.py results/graph-ablation          # a study directory
+    python experiments/analyze.py --storage results --study noise-ablation-absorb
+    python experiments/analyze.py --storage results               # the only study there
+
+Writes ``report.md`` and its PNG plots into the study directory (``--out`` elsewhere):
+
+* a table per ablated axis: mean, standard error and n of each trial's best
+  ``val_ppl_bound`` per level, and the best trial and config per level (a search study
+  gets a table per categorical parameter that varied);
+* a bar chart with error bars per axis, and learning curves (bound vs training tokens,
+  one line per trial, coloured by level);
+* Optuna parameter importances (``optuna.importance.get_param_importances``) on an Optuna
+  study rebuilt from the Parquet rows;
+* for a model-size axis, the bound against parameters and training compute on log-log
+  axes with a power-law fit; for synthetic sources (``true_nll``), the bound against the
+  true entropy per level;
+* a few samples of the best trial, read from the trainer's ``samples.jsonl``.
+
+It reads Parquet only, through :mod:`sedd_ray.results`, and imports neither torch nor
+Ray, so it runs anywhere the results are, while a study is still running too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+if __package__ in (None, ""):  # run as a script: make `sedd_ray` and `experiments` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sedd_ray.results import (  # noqa: E402
+    FINISHED_STATUSES,
+    ResultsError,
+    config_columns,
+    read_history,
+    read_trials,
+    resolve_study,
+)
+
+REPORT = "report.md"
+METRIC = "val_nll"  # what Optuna minimised and best trials are ranked by (nats/token)
+BOUND = "val_ppl_bound"  # exp(best val_nll): the perplexity upper bound the tables show
+# Architecture columns that a model size name sets (not tuned on their own).
+ARCH_COLUMNS = ("hidden_size", "n_layers", "n_heads", "cond_dim", "max_seq_len")
+NOT_PARAMS = {"seed", "progress", "cache_dir", "device", "wandb", "wandb_project", "preset",
+              "compile", "precision"}
+MIN_TRIALS_FOR_IMPORTANCE = 3
+# Parameters that only act under a condition (as in the studies' search spaces): a trial
+# where it fails carries the default, which is not a choice, so it is left out there.
+CONDITIONAL = {"sigma_min": ("noise", "geometric"), "sigma_max": ("noise", "geometric")}
+
+
+# --- loading -------------------------------------------------------------------------------
+
+@dataclass
+class Study:
+    """The Parquet of one study, plus what the report derives from it."""
+
+    storage: str
+    name: str
+    trials: pd.DataFrame
+    history: pd.DataFrame
+    finished: pd.DataFrame = field(init=False)
+    params: list[str] = field(init=False)  # config columns that varied (the tuned ones)
+    axes: list[str] = field(init=False)  # ablated axis, or the varying categoricals
+
+    def __post_init__(self) -> None:
+        t = self.trials
+        ok = t["status"].isin(FINISHED_STATUSES) & np.isfinite(
+            pd.to_numeric(t[METRIC], errors="coerce").astype(float))
+        self.finished = t[ok].copy()
+        self.params = varying_params(self.finished)
+        axis = _first(t["ablated_axis"].dropna()) if "ablated_axis" in t else None
+        if axis:
+            self.axes = [axis]
+        else:
+            self.axes = [p for p in self.params if _is_categorical(self.finished[p])]
+
+    @property
+    def local_dir(self) -> Path | None:
+        return None if "://" in self.storage else Path(self.storage) / self.name
+
+
+def load_study(storage: str | os.PathLike, study: str | None = None) -> Study:
+    """Read a study's trials and history (raises ResultsError when there is none)."""
+    storage = os.fspath(storage)
+    name = resolve_study(storage, study)
+    trials = read_trials(storage, name)
+    if "trial_id" in trials:
+        trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    return Study(storage, name, trials, read_history(storage, name))
+
+
+def split_study_dir(path: str | os.PathLike) -> tuple[str, str]:
+    """``results/graph-ablation`` -> ``("results", "graph-ablation")`` (URIs too)."""
+    text = os.fspath(path).rstrip("/")
+    if "://" in text:
+        storage, _, name = text.rpartition("/")
+        return storage, name
+    p = Path(text).resolve()
+    return str(p.parent), p.name
+
+
+def _first(values: pd.Series) -> Any:
+    return values.iloc[0] if len(values) else None
+
+
+def _is_categorical(col: pd.Series) -> bool:
+    return col.dtype == object or pd.api.types.is_bool_dtype(col) or pd.api.types.is_string_dtype(col)
+
+
+def varying_params(finished: pd.DataFrame) -> list[str]:
+    """Config columns whose value differs between finished trials (seed and run plumbing
+    aside; architecture fields aside when the model size name varies)."""
+    cols = [c for c in config_columns().values() if c in finished and c not in NOT_PARAMS]
+    out = []
+    for c in cols:
+        if finished.loc[applies_mask(c, finished), c].dropna().astype(str).nunique() > 1:
+            out.append(c)
+    if "model" in out:
+        out = [c for c in out if c not in ARCH_COLUMNS]
+    return out
+
+
+# --- numbers -------------------------------------------------------------------------------
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A table cell: floats with ``digits`` significant digits, missing values as a dash."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return f"{int(x):,}" if abs(int(x)) >= 10_000 else str(int(x))
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if x == 0 or not 1e-3 <= abs(x) < 1e6:
+            return f"{x:.{digits}g}"
+        decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+        return f"{round(x, decimals):.{decimals}f}"  # 220, 0.00133: no exponent
+    return str(x)
+
+
+def applies(param: str, row: pd.Series) -> bool:
+    """Whether ``param`` acts in this trial (see :data:`CONDITIONAL`)."""
+    cond = CONDITIONAL.get(param)
+    return cond is None or cond[0] not in row or row[cond[0]] == cond[1]
+
+
+def applies_mask(param: str, df: pd.DataFrame) -> np.ndarray:
+    """Rows of ``df`` where ``param`` acts (a bool array; empty for an empty frame)."""
+    return np.array([applies(param, r) for _, r in df.iterrows()], dtype=bool)
+
+
+def config_text(row: pd.Series, params: Sequence[str], skip: Sequence[str] = ()) -> str:
+    parts = [f"{p}={fmt(row[p], 3)}" for p in params if p not in skip and p in row
+             and not _missing(row[p]) and applies(p, row)]
+    if "seed" in row and not _missing(row["seed"]):
+        parts.append(f"seed={fmt(row['seed'])}")
+    return ", ".join(parts) or "–"
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def levels_of(study: Study, axis: str) -> pd.Series:
+    """Each trial's level on ``axis`` (as text): the ``level`` column of an ablation."""
+    t = study.trials
+    if axis == _first(t["ablated_axis"].dropna()) and t["level"].notna().any():
+        return t["level"].fillna(t[axis].astype(str) if axis in t else "?").astype(str)
+    return t[axis].astype(str)
+
+
+def level_order(study: Study, axis: str) -> list[str]:
+    levels = levels_of(study, axis)
+    order = sorted(dict.fromkeys(levels))
+    if axis == "model" and "n_params" in study.trials:  # sizes by parameter count
+        size = study.trials.groupby(levels)["n_params"].median()
+        order.sort(key=lambda lv: (math.isnan(size.get(lv, math.nan)), size.get(lv, 0)))
+    return order
+
+
+@dataclass
+class LevelRow:
+    level: str
+    n: int
+    trials: int
+    mean: float
+    stderr: float
+    best: float
+    mean_nll: float
+    best_trial: str | None
+    best_config: str
+    n_params: float = math.nan
+    true_nll: float = math.nan
+
+
+def level_table(study: Study, axis: str) -> list[LevelRow]:
+    """One row per level: mean, standard error and n of the trials' best bound."""
+    levels = levels_of(study, axis)
+    rows = []
+    for lv in level_order(study, axis):
+        all_rows = study.trials[levels == lv]
+        fin = study.finished[levels.loc[study.finished.index] == lv]
+        bound = fin[BOUND].astype(float)
+        n = len(fin)
+        best = fin.loc[fin[METRIC].astype(float).idxmin()] if n else None
+        rows.append(LevelRow(
+            level=lv, n=n, trials=len(all_rows),
+            mean=float(bound.mean()) if n else math.nan,
+            stderr=float(bound.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+            best=float(bound.min()) if n else math.nan,
+            mean_nll=float(fin[METRIC].astype(float).mean()) if n else math.nan,
+            best_trial=None if best is None else str(best["trial_id"]),
+            best_config="–" if best is None else config_text(best, study.params, skip=[axis]),
+            n_params=float(fin["n_params"].median()) if n and "n_params" in fin else math.nan,
+            true_nll=float(fin["true_nll"].astype(float).mean())
+            if n and "true_nll" in fin and fin["true_nll"].notna().any() else math.nan,
+        ))
+    return rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def level_markdown(rows: Sequence[LevelRow], axis: str) -> str:
+    sizes = [r.n_params for r in rows if math.isfinite(r.n_params)]
+    has_params = len(set(sizes)) > 1 and (axis == "model" or max(sizes) > 1.5 * min(sizes))
+    has_truth = any(math.isfinite(r.true_nll) for r in rows)
+    header = [axis, "n", f"{BOUND} mean", "s.e.", "best", "val_nll mean (nats/token)"]
+    header += ["params"] if has_params else []
+    header += ["true ppl", "gap (nats)"] if has_truth else []
+    header += ["best trial", "best config"]
+    body = []
+    for r in rows:
+        n = f"{r.n}" if r.n == r.trials else f"{r.n} of {r.trials}"
+        cells = [r.level, n, fmt(r.mean), fmt(r.stderr, 2), fmt(r.best), fmt(r.mean_nll)]
+        cells += [fmt(int(r.n_params)) if math.isfinite(r.n_params) else "–"] if has_params else []
+        if has_truth:
+            cells += [fmt(math.exp(r.true_nll)) if math.isfinite(r.true_nll) else "–",
+                      fmt(r.mean_nll - r.true_nll, 3)]
+        cells += [f"`{r.best_trial}`" if r.best_trial else "–", r.best_config]
+        body.append(cells)
+    return markdown_table(header, body)
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plain_log_ticks(ax, which: str = "y") -> None:
+    """Log-scale ticks as plain numbers (150, 200) instead of 1.5x10^2, with enough minor
+    ticks labelled that a range within a decade or two still has numbers on it."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
+    ratio = hi / max(lo, 1e-300)
+    keep = set(range(2, 10)) if ratio < 10 else {2, 3, 5} if ratio < 100 else set()
+
+    def minor(v: float, _: Any) -> str:
+        if v <= 0:
+            return ""
+        mantissa = round(v / 10 ** math.floor(math.log10(v)))
+        return f"{v:.3g}" if mantissa in keep else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _colors(levels: Sequence[str]) -> dict[str, Any]:
+    cmap = _plt().get_cmap("tab10")
+    return {lv: cmap(i % 10) for i, lv in enumerate(levels)}
+
+
+def plot_bars(study: Study, axis: str, rows: Sequence[LevelRow], path: Path) -> Path:
+    """Mean best bound per level with standard-error bars, every trial as a dot."""
+    plt = _plt()
+    levels = [r.level for r in rows]
+    colors = _colors(levels)
+    lv_of = levels_of(study, axis)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.8))
+    x = np.arange(len(rows))
+    means = [r.mean if math.isfinite(r.mean) else 0.0 for r in rows]
+    errs = [r.stderr if math.isfinite(r.stderr) else 0.0 for r in rows]
+    ax.bar(x, means, yerr=errs, capsize=6, color=[colors[lv] for lv in levels], alpha=0.6,
+           edgecolor="black", linewidth=0.6)
+    rng = np.random.default_rng(0)
+    for i, r in enumerate(rows):
+        vals = study.finished.loc[lv_of.loc[study.finished.index] == r.level, BOUND].astype(float)
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(vals)), vals, color="black", s=14, zorder=3)
+        top = (r.mean if math.isfinite(r.mean) else 0) + errs[i]
+        ax.annotate(f"n={r.n}", (i, top), textcoords="offset points", xytext=(0, 4),
+                    ha="center", fontsize=8)
+    finite = [v for v in study.finished[BOUND].astype(float) if math.isfinite(v)]
+    if finite:  # zoom on the values: a bar from zero hides the differences
+        lo, hi = min(finite), max(m + e for m, e in zip(means, errs))
+        pad = 0.15 * max(hi - lo, 0.02 * hi)
+        ax.set_ylim(max(0.0, lo - 2 * pad), hi + 2 * pad)
+    ax.set_xticks(x, levels)
+    ax.set_xlabel(axis)
+    ax.set_ylabel("best val perplexity bound")
+    ax.set_title(f"{study.name}: mean ± s.e. over trials", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(study: Study, axis: str | None, path: Path) -> Path | None:
+    """Validation bound vs training tokens, one line per trial, coloured by level."""
+    h = study.history
+    if h.empty or not h["val_nll"].notna().any():
+        return None
+    plt = _plt()
+    lv_of = (levels_of(study, axis) if axis else pd.Series("all", index=study.trials.index))
+    level_by_trial = dict(zip(study.trials["trial_id"], lv_of))
+    order = level_order(study, axis) if axis else ["all"]
+    colors = _colors(order)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    seen: set[str] = set()
+    for trial_id, g in h[h["val_nll"].notna()].groupby("trial_id", sort=True):
+        g = g.sort_values("step")
+        lv = level_by_trial.get(trial_id, "?")
+        x = g["tokens"].astype(float) if g["tokens"].notna().all() else g["step"].astype(float)
+        ax.plot(x, np.exp(g["val_nll"].astype(float).clip(upper=700)), "o-", ms=2.5, lw=1.2,
+                color=colors.get(lv, "gray"), alpha=0.85,
+                label=None if lv in seen else f"{axis}={lv}" if axis else None)
+        seen.add(lv)
+    ax.set_yscale("log")
+    _plain_log_ticks(ax, "y")
+    ax.set_xlabel("training tokens" if h["tokens"].notna().any() else "step")
+    ax.set_ylabel("val perplexity bound")
+    ax.set_title(f"{study.name}: learning curves (one line per trial)", fontsize=9)
+    if axis:  # legend in level order, whatever order the trials came in
+        handles, labels = ax.get_legend_handles_labels()
+        by_label = dict(zip(labels, handles))
+        keys = [f"{axis}={lv}" for lv in order if f"{axis}={lv}" in by_label]
+        ax.legend([by_label[k] for k in keys], keys, fontsize=8)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _si(v: float) -> str:
+    """1500 -> 1.5k, 2000000 -> 2M (axis labels)."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
+def plot_bound_vs_entropy(study: Study, axis: str, rows: Sequence[LevelRow], path: Path) -> Path:
+    """Synthetic sources: each trial's bound (nats/token) next to its source's true entropy."""
+    plt = _plt()
+    lv_of = levels_of(study, axis)
+    colors = _colors([r.level for r in rows])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.8))
+    for i, r in enumerate(rows):
+        fin = study.finished[lv_of.loc[study.finished.index] == r.level]
+        ax.scatter(np.full(len(fin), i), fin[METRIC].astype(float), color=colors[r.level],
+                   s=18, zorder=3, edgecolor="black", linewidth=0.4)
+        if math.isfinite(r.true_nll):
+            ax.hlines(r.true_nll, i - 0.3, i + 0.3, color="black", lw=2,
+                      label="true entropy (floor)" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [r.level for r in rows])
+    ax.set_xlabel(axis)
+    ax.set_ylabel("val NLL bound per trial (nats/token)")
+    ax.set_title(f"{study.name}: bound vs true entropy", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- scaling (model-size axis) -------------------------------------------------------------
+
+@dataclass
+class Fit:
+    """``val_nll ≈ a * x**b`` fitted by least squares in log-log space."""
+
+    a: float
+    b: float
+    points: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.a * np.power(x, self.b)
+
+    def text(self, var: str) -> str:
+        return f"val_nll ≈ {self.a:.3g} · {var}^{self.b:+.3f} ({self.points} points)"
+
+
+def fit_power_law(x: Sequence[float], y: Sequence[float]) -> Fit | None:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    if len(np.unique(x[ok])) < 2:
+        return None
+    b, log_a = np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)
+    return Fit(float(math.exp(log_a)), float(b), int(ok.sum()))
+
+
+def scaling_points(study: Study, axis: str) -> pd.DataFrame:
+    """The best finished trial of each level with N (non-embedding params when recorded),
+    tokens and compute C = 6 N D FLOPs."""
+    fin = study.finished.copy()
+    if fin.empty:
+        return fin
+    lv_of = levels_of(study, axis)
+    fin["level_"] = lv_of.loc[fin.index]
+    n = fin.get("n_params_non_embedding")
+    fin["N"] = (n if n is not None and n.notna().all() else fin["n_params"]).astype(float)
+    fin["D"] = fin["tokens_seen"].astype(float)
+    fin["C"] = 6.0 * fin["N"] * fin["D"]
+    best = fin.loc[fin.groupby("level_")[METRIC].idxmin()]
+    order = level_order(study, axis)
+    return best.set_index("level_").loc[[lv for lv in order if lv in set(best["level_"])]]
+
+
+def plot_scaling(study: Study, axis: str, best: pd.DataFrame, path: Path
+                 ) -> tuple[Path, Fit | None, Fit | None]:
+    plt = _plt()
+    fin = study.finished
+    n = fin.get("n_params_non_embedding")
+    all_n = (n if n is not None and n.notna().all() else fin["n_params"]).astype(float)
+    all_c = 6.0 * all_n * fin["tokens_seen"].astype(float)
+    fits = []
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
+    for ax, x_all, col, label in ((axes[0], all_n, "N", "non-embedding parameters N"),
+                                  (axes[1], all_c, "C", "training compute C = 6·N·D (FLOPs)")):
+        ax.scatter(x_all, fin[METRIC].astype(float), color="gray", alpha=0.4, s=14,
+                   label="every trial")
+        ax.scatter(best[col], best[METRIC].astype(float), color="tab:blue", s=30, zorder=3,
+                   label=f"best per {axis}")
+        for lv, row in best.iterrows():
+            ax.annotate(str(lv), (row[col], row[METRIC]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        fit = fit_power_law(best[col], best[METRIC])
+        fits.append(fit)
+        if fit is not None:
+            xs = np.geomspace(float(best[col].min()), float(best[col].max()), 50)
+            ax.plot(xs, fit(xs), "--", color="tab:red", label=f"fit: exponent {fit.b:+.3f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _plain_log_ticks(ax, "y")
+        from matplotlib.ticker import NullFormatter
+
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap within a decade
+        ax.set_xlabel(label)
+        ax.set_ylabel("val NLL bound (nats/token)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study.name}: bound vs size and compute", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path, fits[0], fits[1]
+
+
+# --- Optuna importances --------------------------------------------------------------------
+
+def _distribution(values: pd.Series):
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    v = values.dropna()
+    if _is_categorical(v):
+        return CategoricalDistribution(sorted({_py(x) for x in v}, key=str))
+    lo, hi = float(v.min()), float(v.max())
+    log = lo > 0 and hi / lo >= 10
+    if pd.api.types.is_integer_dtype(v) or all(float(x).is_integer() for x in v):
+        return IntDistribution(int(lo), int(hi), log=log and lo >= 1)
+    return FloatDistribution(lo, hi, log=log)
+
+
+def _py(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+def rebuild_optuna_study(study: Study):
+    """An in-memory Optuna study with one COMPLETE trial per finished row (value:
+    ``val_nll``); distributions are inferred from the values the trials took."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+    from optuna.trial import create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fin = study.finished
+    dists = {p: _distribution(fin.loc[applies_mask(p, fin), p]) for p in study.params}
+    ostudy = optuna.create_study(study_name=study.name, direction="minimize")
+    for _, row in fin.iterrows():
+        params, used = {}, {}
+        for p, d in dists.items():
+            if _missing(row[p]) or not applies(p, row):
+                continue
+            v = _py(row[p])
+            if isinstance(d, IntDistribution):
+                v = int(v)
+            elif not isinstance(d, CategoricalDistribution):
+                v = float(v)
+            params[p], used[p] = v, d
+        ostudy.add_trial(create_trial(params=params, distributions=used, value=float(row[METRIC]),
+                                      user_attrs={"trial_id": str(row["trial_id"])}))
+    return ostudy
+
+
+def confounded(study: Study) -> list[list[str]]:
+    """Groups of parameters that split the finished trials identically (e.g. an ablation
+    whose levels drew the same lr and noise for their k-th trial): no evaluator can tell
+    their effects apart."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for p in study.params:
+        values = [str(v) if applies(p, r) else "<n/a>"
+                  for v, (_, r) in zip(study.finished[p], study.finished.iterrows())]
+        codes = tuple(pd.factorize(pd.Series(values))[0])
+        groups.setdefault(codes, []).append(p)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def param_importances(study: Study) -> tuple[dict[str, float] | None, str]:
+    """Optuna's importances of the varying parameters for ``val_nll``, and a note saying
+    how they were computed (or why they were not)."""
+    n = len(study.finished)
+    if n < MIN_TRIALS_FOR_IMPORTANCE:
+        return None, (f"Too few finished trials for parameter importances ({n}; need at least "
+                      f"{MIN_TRIALS_FOR_IMPORTANCE}). Run more trials per level.")
+    if not study.params:
+        return None, "No parameter varied between finished trials: nothing to rank."
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    # PED-ANOVA (Optuna's default evaluator): which params the top trials are concentrated
+    # in. Its default top 10% would hold under 2 trials in a small study: take at least 2.
+    q = min(0.5, max(0.1, 2.0 / n))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            imp = optuna.importance.get_param_importances(
+                rebuild_optuna_study(study),
+                evaluator=PedAnovaImportanceEvaluator(target_quantile=q),
+            )
+        except (ValueError, RuntimeError) as e:
+            return None, f"Optuna could not compute importances: {e}"
+    note = (f"`optuna.importance.get_param_importances` with `PedAnovaImportanceEvaluator"
+            f"(target_quantile={q:.2g})` over {n} finished trials rebuilt from Parquet "
+            f"(objective `{METRIC}`, minimised); distributions inferred from the values.")
+    tied = confounded(study)
+    if tied:
+        note += (" These varied together in every trial, so their importances cannot be "
+                 "told apart: " + "; ".join(", ".join(f"`{p}`" for p in g) for g in tied) + ".")
+    msgs = sorted({str(w.message).splitlines()[0] for w in caught})
+    if msgs:
+        note += " Optuna warned: " + " ".join(msgs)
+    if n < 10:
+        note += f" With {n} trials these are rough."
+    return dict(imp), note
+
+
+def plot_importances(imp: dict[str, float], path: Path, title: str) -> Path:
+    plt = _plt()
+    names = list(imp)[::-1]
+    fig, ax = plt.subplots(figsize=(5.6, 1.4 + 0.35 * len(names)))
+    ax.barh(names, [imp[k] for k in names], color="tab:green")
+    ax.set_xlabel("importance (PED-ANOVA)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- samples -------------------------------------------------------------------------------
+
+def trainer_dir(study: Study, trial_id: str) -> Path | None:
+    """Where Ray Train kept the trainer's files of a trial (local storage only)."""
+    d = study.local_dir
+    return None if d is None else d / "train" / trial_id / "trainer"
+
+
+def trial_samples(study: Study, trial_id: str, limit: int = 3) -> list[str]:
+    """The last samples the trainer wrote for a trial (samples.jsonl, else final.json)."""
+    d = trainer_dir(study, trial_id)
+    if d is None:
+        return []
+    rows: list[dict[str, Any]] = []
+    path = d / "samples.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+    if rows:
+        last = max(int(r.get("step", 0)) for r in rows)
+        return [str(r["text"]) for r in rows if int(r.get("step", 0)) == last][:limit]
+    final = d / "final.json"
+    if final.is_file():
+        try:
+            return [str(s) for s in json.loads(final.read_text()).get("samples", [])][:limit]
+        except json.JSONDecodeError:
+            return []
+    return []
+
+
+# --- the report ----------------------------------------------------------------------------
+
+def _status_line(trials: pd.DataFrame) -> str:
+    counts = trials["status"].value_counts()
+    return ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials"
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return os.path.relpath(path, base)
+    except ValueError:
+        return str(path)
+
+
+def write_report(storage: str | os.PathLike, study: str | None = None,
+                 out_dir: str | os.PathLike | None = None) -> Path:
+    """Analyse a study and write ``report.md`` (and PNGs) into ``out_dir`` (default: the
+    study directory, or ``reports/<study>`` for remote storage). Returns the report path."""
+    s = load_study(storage, study)
+    out = Path(out_dir) if out_dir else (s.local_dir or Path("reports") / s.name)
+    out.mkdir(parents=True, exist_ok=True)
+    md: list[str] = [f"# Study `{s.name}`", ""]
+    hours = s.trials["device_hours"].astype(float).sum() if "device_hours" in s.trials else 0.0
+    md += [
+        f"- trials: {len(s.trials)} ({_status_line(s.trials)}); finished with a bound: "
+        f"{len(s.finished)}",
+        f"- ablated axis: `{s.axes[0]}`" if s.trials["ablated_axis"].notna().any()
+        else "- search study (no ablated axis)",
+        "- other parameters that varied: "
+        + (", ".join(f"`{p}`" for p in s.params if p not in s.axes) or "none"),
+        f"- device hours: {hours:.3g}",
+        f"- source: `{s.storage}/{s.name}/trials.parquet` and `history/`, read "
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"`{BOUND}` = exp(best validation `val_nll`), an upper bound on the validation "
+        "perplexity from the diffusion ELBO (lower is better). Each trial contributes its best "
+        "evaluation; mean and standard error (sample s.d. / √n) are over the n finished trials "
+        "of a level.",
+        "",
+    ]
+    if s.trials.empty:
+        md += ["No trials recorded yet.", ""]
+    for axis in s.axes:
+        rows = level_table(s, axis)
+        md += [f"## `{axis}`", "", level_markdown(rows, axis), ""]
+        if s.finished.empty:
+            continue
+        bars = plot_bars(s, axis, rows, out / f"{axis}_bars.png")
+        md += [f"![{axis}: bound per level]({_rel(bars, out)})", ""]
+        if s.finished.get("true_nll") is not None and s.finished["true_nll"].notna().any():
+            p = plot_bound_vs_entropy(s, axis, rows, out / f"{axis}_bound_vs_entropy.png")
+            md += ["Bound vs the exact entropy of the synthetic source (the floor no model "
+                   "beats):", "", f"![bound vs entropy]({_rel(p, out)})", ""]
+        if axis == "model":
+            md += scaling_section(s, axis, out)
+    if not s.axes and not s.finished.empty:
+        top = s.finished.sort_values(METRIC).head(10)
+        md += ["## Best trials", "", markdown_table(
+            ["trial", BOUND, "config"],
+            [[f"`{r.trial_id}`", fmt(r[BOUND]), config_text(r, s.params)] for _, r in top.iterrows()]
+        ), ""]
+    curve_axis = s.axes[0] if s.axes else None
+    curves = plot_curves(s, curve_axis, out / "learning_curves.png")
+    md += ["## Learning curves", ""]
+    md += ([f"![learning curves]({_rel(curves, out)})", ""] if curves
+           else ["No evaluation in the history yet.", ""])
+    md += ["## Parameter importances", ""]
+    imp, note = param_importances(s)
+    if imp:
+        md += [markdown_table(["parameter", "importance"], [[f"`{k}`", f"{v:.3f}"] for k, v in imp.items()]), ""]
+        p = plot_importances(imp, out / "importances.png", f"{s.name}: importance for {METRIC}")
+        md += [f"![importances]({_rel(p, out)})", ""]
+    md += [note, ""]
+    md += samples_section(s)
+    errors = s.trials[s.trials["status"] == "error"]
+    if len(errors):
+        md += ["## Failed trials", "", markdown_table(
+            ["trial", "level", "error"],
+            [[f"`{r.trial_id}`", r.get("level") or "–", str(r.get("error") or "")[:300]]
+             for _, r in errors.iterrows()]), ""]
+    path = out / REPORT
+    path.write_text("\n".join(md))
+    return path
+
+
+def scaling_section(s: Study, axis: str, out: Path) -> list[str]:
+    best = scaling_points(s, axis)
+    if len(best) < 2:
+        return ["Scaling fit needs finished trials at two sizes or more.", ""]
+    path, fit_n, fit_c = plot_scaling(s, axis, best, out / "scaling.png")
+    rows = [[str(lv), fmt(int(r["N"])), fmt(int(r["n_params"])) if not _missing(r["n_params"]) else "–",
+             fmt(int(r["D"])), f"{r['C']:.3g}", fmt(r[METRIC]), fmt(r[BOUND])]
+            for lv, r in best.iterrows()]
+    md = ["### Bound vs parameters and compute", "",
+          markdown_table([axis, "N (non-embedding)", "params (total)", "tokens D",
+                          "compute 6·N·D (FLOPs)", "val_nll", BOUND], rows), "",
+          f"![scaling]({_rel(path, out)})", "",
+          "Best trial per size. Compute is the usual estimate C ≈ 6·N·D (forward and backward "
+          "passes; attention and evaluation cost ignored), with N the non-embedding parameters "
+          "and D the training tokens. Power laws fitted by least squares on log-log axes:", ""]
+    md += [f"- {fit.text(v)}" for fit, v in ((fit_n, "N"), (fit_c, "C")) if fit is not None]
+    return md + [""]
+
+
+def samples_section(s: Study) -> list[str]:
+    if s.finished.empty:
+        return ["## Samples", "", "No finished trial yet.", ""]
+    best = s.finished.loc[s.finished[METRIC].astype(float).idxmin()]
+    trial_id = str(best["trial_id"])
+    head = (f"## Samples from the best trial `{trial_id}` ({BOUND} {fmt(best[BOUND])}"
+            + (f", level {best['level']}" if not _missing(best.get("level")) else "") + ")")
+    texts = trial_samples(s, trial_id)
+    md = [head, ""]
+    if not texts:
+        return md + ["No samples found (the trainer writes them to "
+                     "`train/<trial>/trainer/samples.jsonl` on local storage).", ""]
+    md += ["Written by the trainer at the end of training (analytic sampler). More with "
+           f"`python -m sedd_ray.sample --storage {s.storage} --study {s.name} --trial {trial_id}`.",
+           ""]
+    for i, t in enumerate(texts):
+        md += [f"Sample {i}:", "", "```text", t.replace("```", "ʼʼʼ")[:600], "```", ""]
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python experiments/analyze.py",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("study_dir", nargs="?", help="a study directory, e.g. results/graph-ablation")
+    p.add_argument("--storage", default=None, help="results folder or URI (with --study)")
+    p.add_argument("--study", default=None, help="study name (optional if only one)")
+    p.add_argument("--out", default=None, help="report folder (default: the study directory)")
+    args = p.parse_args(argv)
+    if args.study_dir and (args.storage or args.study):
+        p.error("give a study directory or --storage/--study, not both")
+    if args.study_dir:
+        storage, study = split_study_dir(args.study_dir)
+    else:
+        storage, study = args.storage or "results", args.study
+    try:
+        path = write_report(storage, study, args.out)
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""What the study scripts share: their flags and defaults, running studies, the reports.
+
+A script names a study of :mod:`sedd_ray.study` and its CPU defaults (base preset, steps,
+trials per level); :func:`run_and_report` runs it with Ray Tune, always shuts Ray down,
+then writes each study's report with :mod:`experiments.analyze` (Parquet only) and prints
+where everything is. The same script runs the real study on a GPU cluster:
+``--address auto --gpus-per-trial 1 --preset small --steps 100000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import analyze  # noqa: E402  (no torch, no Ray)
+from sedd_ray.config import ConfigError  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A script's full-run defaults; ``--smoke-test`` ignores them (the smoke preset)."""
+
+    preset: str = "tiny"
+    steps: int = 400
+    trials_per_level: int = 2
+    seeds: str = "0,1"  # trial k of every level uses seed k % 2: levels share seeds
+
+
+def make_parser(prog: str, doc: str, defaults: Defaults) -> argparse.ArgumentParser:
+    from sedd_ray.study import add_study_flags
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_flags(p, default_trials=defaults.trials_per_level)
+    p.set_defaults(preset=None, steps=None, seeds=defaults.seeds)
+    for action in p._actions:  # show the script's defaults in --help
+        if action.dest == "preset":
+            action.help = f"base preset of every trial (default {defaults.preset})"
+        elif action.dest == "steps":
+            action.help = f"training steps per trial (default {defaults.steps})"
+        elif action.dest == "seeds":
+            action.help = f"comma-separated seeds, reused by every level (default {defaults.seeds})"
+    return p
+
+
+def apply_defaults(args: argparse.Namespace, defaults: Defaults) -> argparse.Namespace:
+    """Fill in the script's preset and steps unless given (or ``--smoke-test``)."""
+    if not args.smoke_test:
+        args.preset = args.preset or defaults.preset
+        args.steps = args.steps or defaults.steps
+    return args
+
+
+def run_and_report(specs: list, args: argparse.Namespace) -> int:
+    """Run each study (``--resume`` restores), shut Ray down, write and print the reports.
+
+    Returns 0 when every study has a finished trial, 1 when one has none, 2 on a bad
+    configuration (nothing run)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+
+    from sedd_ray.study import run_study
+
+    t0 = time.perf_counter()
+    dirs: list[str] = []
+    try:
+        for spec in specs:
+            dirs.append(run_study(spec, args.storage, resume=args.resume, address=args.address))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()  # never leave a local cluster behind
+    train_s = time.perf_counter() - t0
+    rc = 0
+    lines = []
+    for d in dirs:
+        storage, name = analyze.split_study_dir(d)
+        report = analyze.write_report(storage, name)
+        study = analyze.load_study(storage, name)
+        if study.finished.empty:
+            rc = 1
+        lines += [f"study directory: {d}", f"report: {report}",
+                  f"  {len(study.finished)} of {len(study.trials)} trials finished"]
+    print("\n".join(lines))
+    print(f"wall time: {time.perf_counter() - t0:.0f} s (studies {train_s:.0f} s)")
+    if rc:
+        print("error: a study has no finished trial; see the report's failed trials",
+              file=sys.stderr)
+    return rc

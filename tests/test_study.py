@@ -1,0 +1,133 @@
+"""A real study on a local Ray cluster: Tune + Optuna + ASHA, one Parquet row per trial."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sedd_ray.config import ConfigError
+from sedd_ray.results import read_history, read_trials
+from sedd_ray.study import Choice, Float, StudySpec, run_study
+
+pytestmark = pytest.mark.ray
+
+COMBOS = [{"graph": g, "noise": n} for g in ("uniform", "absorb") for n in ("geometric", "loglinear")]
+FIXED = {"steps": 40, "log_every": 5, "eval_every": 10, "ckpt_every": 20, "vocab_size": 300,
+         "seq_len": 32, "batch_size": 8, "eval_sequences": 8, "eval_draws": 2, "test_draws": 0,
+         "sample_count": 1, "sample_steps": 4, "sample_length": 16, "hidden_size": 32,
+         "cond_dim": 16, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, resources={"sedd_driver": 1000})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def study(ray_cluster, tmp_path_factory):
+    """4 trials over {uniform, absorb} x {geometric, loglinear} plus one whose loss turns
+    NaN at step 7; 2 concurrent; ASHA on. Parquet is read in a loop while it is written."""
+    storage = tmp_path_factory.mktemp("studies")
+    spec = StudySpec(
+        name="grid", base="tiny", fixed=FIXED, num_trials=5, asha=True, grace_period=10,
+        space={"graph": Choice(["uniform", "absorb"]), "noise": Choice(["geometric", "loglinear"]),
+               "lr": Float(1e-3, 3e-3, log=True), "inject_nan_at": Choice([0, 7])},
+        points=[{**c, "lr": 2e-3, "inject_nan_at": 0} for c in COMBOS]
+        + [{"graph": "absorb", "noise": "loglinear", "lr": 2e-3, "inject_nan_at": 7}],
+        max_concurrent=2, seeds=[0, 1],
+    )
+    # Another process reads the Parquet in a loop while the study writes it.
+    stop = storage / "stop-reading"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(storage), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        study_dir = run_study(spec, str(storage), verbose=0)
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
+    return storage, study_dir, json.loads(out)
+
+
+READER = """
+import json, pathlib, sys, time
+import pyarrow.parquet as pq
+from sedd_ray.results import read_history, read_trials
+storage, stop = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+reads = {"ok": 0, "errors": []}
+while not stop.exists():
+    try:
+        if (storage / "grid" / "trials.parquet").exists():
+            read_trials(storage, "grid")
+            read_history(storage, "grid")
+            reads["ok"] += 1
+    except Exception as e:
+        reads["errors"].append(repr(e))
+    time.sleep(0.05)
+print(json.dumps(reads))
+"""
+
+
+def test_one_row_per_trial_with_statuses(study):
+    storage, study_dir, _ = study
+    assert study_dir == f"{storage}/grid"
+    df = read_trials(storage, "grid")
+    assert len(df) == 5 and df["trial_id"].is_unique
+    ok = df[df["inject_nan_at"] == 0]
+    assert sorted(zip(ok["graph"], ok["noise"])) == sorted((c["graph"], c["noise"]) for c in COMBOS)
+    assert set(ok["status"]) <= {"terminated", "stopped_early"}
+    assert (ok["status"] == "terminated").any()
+    finished = ok[ok["status"] == "terminated"]
+    assert (finished["step"] == 40).all() and finished["val_nll"].notna().all()
+    assert (finished["val_ppl_bound"] > 1).all()
+    for path in finished["checkpoint_path"]:
+        assert path.endswith("ckpt-00000040")
+    assert set(df["seed"]) == {0, 1}  # seeds recorded per trial
+    assert df["git_sha"].notna().all() and df["ray_version"].notna().all()
+
+
+def test_failing_trial_is_recorded_with_its_reason(study):
+    storage, _, _ = study
+    df = read_trials(storage, "grid")
+    bad = df[df["inject_nan_at"] == 7]
+    assert len(bad) == 1
+    row = bad.iloc[0]
+    assert row["status"] == "error"
+    assert "non-finite" in row["error"] and "step 7" in row["error"]
+
+
+def test_parquet_types_are_the_fixed_schema(study):
+    storage, _, _ = study
+    schema = pq.read_schema(storage / "grid" / "trials.parquet")
+    expect = {"study": pa.string(), "trial_id": pa.string(), "status": pa.string(),
+              "error": pa.string(), "graph": pa.string(), "noise": pa.string(),
+              "model": pa.string(), "lr": pa.float64(), "seed": pa.int64(), "step": pa.int64(),
+              "val_nll": pa.float64(), "val_ppl_bound": pa.float64(),
+              "checkpoint_path": pa.string()}
+    for name, typ in expect.items():
+        assert schema.field(name).type == typ, name
+    hist = read_history(storage, "grid")
+    assert {"trial_id", "step", "tokens", "train_loss", "val_nll", "lr", "tokens_per_s"} <= set(hist)
+    assert not hist.duplicated(["trial_id", "step"]).any()
+    assert hist.groupby("trial_id")["step"].max().max() == 40
+
+
+def test_reading_while_the_study_writes_never_fails(study):
+    _, _, reads = study
+    assert reads["errors"] == [] and reads["ok"] > 10
+
+
+def test_bad_study_fails_before_any_compute(tmp_path):
+    with pytest.raises(ConfigError, match="unknown parameter 'lrr'"):
+        StudySpec(name="x", base="tiny", fixed={"lrr": 1}).validate()
+    with pytest.raises(ConfigError, match="seq_len 4096 exceeds"):
+        StudySpec(name="x", base="tiny", points=[{"seq_len": 4096}]).validate()
+    assert not list(tmp_path.iterdir())
