@@ -7,9 +7,15 @@ gradients against them. Nothing in ``sedd_ray`` imports this file.
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+
 import torch
 
-from sedd_ray.diffusion.graphs import _as_float, _phi, _score_dtype
+from sedd_ray.diffusion import graphs, sampling
+from sedd_ray.diffusion.graphs import _as_float, _phi, _rand, _score_dtype
+from sedd_ray.model import MASK_LOG_SCORE, ScoreModel, log_expm1
 
 
 def absorb_score_entropy(graph, log_score: torch.Tensor, sigma, x: torch.Tensor,
@@ -56,3 +62,76 @@ def score_entropy(graph, log_score, sigma, x, x0):
     """The unfused score entropy of ``graph`` (absorbing or uniform)."""
     fn = absorb_score_entropy if graph.absorb else uniform_score_entropy
     return fn(graph, log_score, sigma, x, x0)
+
+
+# --- the sampler's draw and step distributions -----------------------------------------------
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The textbook draw: clamp, renormalise, cumsum, searchsorted (7 passes over (*, K))."""
+    p = probs.detach().to(torch.float64).clamp_min(0.0)
+    total = p.sum(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(total).all()):
+        raise ValueError("sample_categorical got non-finite probabilities (NaN or inf scores?)")
+    p = torch.where(total > 0, p, torch.ones_like(p))
+    cdf = p.cumsum(dim=-1)
+    u = _rand(cdf.shape[:-1] + (1,), generator, cdf.device) * cdf[..., -1:]
+    idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True)
+    return idx.clamp_max(p.shape[-1] - 1).squeeze(-1)
+
+
+def tweedie_probs(graph, i, score, dsigma):
+    """The generic analytic-step distribution: staggered_score * transp_transition."""
+    return graph.staggered_score(score, dsigma) * graph.transp_transition(i, dsigma)
+
+
+def euler_probs(graph, i, score, step):
+    """The generic Euler-step distribution: onehot(i) + step * reverse_rate(i, score)."""
+    rate = _as_float(step, score)[..., None] * graph.reverse_rate(i, score)
+    return rate.scatter_add(-1, i[..., None], torch.ones_like(rate[..., :1]))
+
+
+# --- the model's output post-processing --------------------------------------------------------
+
+def model_forward(self: ScoreModel, x_t: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
+    """ScoreModel.forward before the speed work (three (B, L, dim) temporaries)."""
+    B, L = x_t.shape
+    sigma_bar = torch.as_tensor(sigma_bar, dtype=torch.float32, device=x_t.device).reshape(-1)
+    sigma_bar = sigma_bar.expand(B)
+    raw = self.backbone(x_t, None if self.time_independent else sigma_bar)
+    if self.time_independent:
+        log_p = raw.log_softmax(dim=-1) - log_expm1(sigma_bar)[:, None, None]
+        log_score = torch.cat([log_p, log_p.new_full((B, L, 1), MASK_LOG_SCORE)], dim=-1)
+    elif self.scale_by_sigma:
+        log_score = raw - log_expm1(sigma_bar)[:, None, None] - math.log(self.dim - 1)
+    else:
+        log_score = raw
+    return log_score.scatter(-1, x_t[..., None], 0.0)
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Run the code as it was before the speed work: the unfused score entropy, model
+    post-processing, step distributions and draw (patched in, restored on exit)."""
+    saved = [
+        (graphs.Absorbing, "score_entropy", graphs.Absorbing.__dict__["score_entropy"]),
+        (graphs.Uniform, "score_entropy", graphs.Uniform.__dict__["score_entropy"]),
+        (graphs.Absorbing, "tweedie_probs", graphs.Absorbing.__dict__["tweedie_probs"]),
+        (graphs.Uniform, "tweedie_probs", graphs.Uniform.__dict__["tweedie_probs"]),
+        (graphs.Absorbing, "euler_probs", graphs.Absorbing.__dict__["euler_probs"]),
+        (graphs.Graph, "euler_probs", graphs.Graph.__dict__["euler_probs"]),
+        (ScoreModel, "forward", ScoreModel.__dict__["forward"]),
+        (sampling, "_draw_", sampling._draw_),
+    ]
+    try:
+        graphs.Absorbing.score_entropy = absorb_score_entropy
+        graphs.Uniform.score_entropy = uniform_score_entropy
+        for cls in (graphs.Absorbing, graphs.Uniform):
+            cls.tweedie_probs = tweedie_probs
+        graphs.Absorbing.euler_probs = euler_probs
+        graphs.Graph.euler_probs = euler_probs
+        ScoreModel.forward = model_forward
+        sampling._draw_ = sample_categorical
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)

@@ -37,7 +37,7 @@ def run_graph(name: str, args: argparse.Namespace, out: Path) -> dict:
 
     params = {
         **GRAPHS[name], "corpus": args.corpus, "seq_len": args.seq_len, "steps": args.steps,
-        "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "ema_decay": 0.99, "dropout": 0.0,
+        "batch_size": 32, "lr": 3e-3, "cosine": True, "warmup_steps": 20, "ema_decay": 0.99, "dropout": 0.0,
         "hidden_size": 64, "cond_dim": 32, "n_heads": 2, "n_layers": 2,
         "eval_every": args.eval_every, "log_every": args.eval_every, "ckpt_every": 0,
         "eval_sequences": args.eval_sequences, "eval_draws": 4, "test_draws": args.test_draws,
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-sequences", type=int, default=256)
     p.add_argument("--test-draws", type=int, default=16)
     p.add_argument("--graphs", default="absorb,uniform")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (a tiny model gains nothing from more)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bound_vs_entropy.png")
     p.add_argument("--smoke-test", action="store_true", help="a few steps, output in a temp dir")
     args = p.parse_args(argv)
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.corpus = args.corpus.replace("blocks=8192", "blocks=512")
         args.out = tmp / "bound_vs_entropy.png"
     os.environ.setdefault("SEDD_RAY_CACHE", str(tmp / "cache"))
+    import torch
+
+    torch.set_num_threads(args.threads)
     results = {g: run_graph(g, args, tmp) for g in args.graphs.split(",")}
     plot(results, args.out, args.corpus)
     summary = {"corpus": args.corpus, "steps": args.steps, "graphs": results}

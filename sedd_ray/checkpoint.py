@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import uuid
@@ -178,6 +179,69 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     state_path = path / STATE_FILE
     try:
         state = torch.load(state_path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path and reason
-        raise CheckpointError(f"checkpoint {state_path} cannot be loaded safely: {e}") from None
+    except pickle.UnpicklingError as e:  # weights_only refused a global: code, not weights
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else repr(e))
+        raise CheckpointError(
+            f"checkpoint {state_path} holds more than tensors and plain values and is refused "
+            f"(weights_only=True; unpickling it could run code): {why}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - re-raised with the path and reason, one line
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), repr(e))
+        raise CheckpointError(f"checkpoint {state_path} cannot be loaded safely: {first}") from None
     return state, meta
+
+
+# --- output folders ---------------------------------------------------------------------
+
+class StorageError(OSError):
+    """An output or storage folder cannot be created or written; one line says which and why."""
+
+
+def precheck_writable_dir(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Fail fast, creating nothing, when ``path`` cannot become a writable folder.
+
+    Walks up to the nearest existing ancestor: it must be a folder that this process may
+    write. Catches a path under a regular file (which fails even for root) and, for
+    other users, a read-only folder. Returns the absolute path. See
+    :func:`ensure_writable_dir` for the check that writes.
+    """
+    target = Path(path).absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StorageError(
+            f"{flag} {target} cannot be created: {probe} is a file, not a folder; "
+            f"pass a writable {flag}"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(f"{flag} {target} cannot be written: {probe} is not writable; "
+                           f"pass a writable {flag}")
+    return target
+
+
+def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output",
+                        probe_bytes: int = 1 << 16) -> Path:
+    """Create ``path`` (and parents) and prove it takes a write: a ``probe_bytes`` file is
+    written, fsynced and deleted. A read-only mount, a full disk (ENOSPC) or a quota
+    fails here, before any training, as one :class:`StorageError` line."""
+    target = precheck_writable_dir(path, flag)
+    probe = target / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * probe_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise StorageError(
+            f"{flag} {target} is not writable ({e.strerror or e}); free some space or pass "
+            f"a writable {flag}"
+        ) from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return target

@@ -102,24 +102,31 @@ def launch(
     if cfg.train.batch_size % num_workers:
         raise LaunchError(f"batch_size {cfg.train.batch_size} is not divisible by "
                           f"num_workers {num_workers}; change --batch-size")
+    if cpus_per_worker < 0 or gpus_per_worker < 0:
+        raise LaunchError(f"--cpus-per-worker and --gpus-per-worker must be >= 0, got "
+                          f"{cpus_per_worker} and {gpus_per_worker}")
+    if max_failures < -1:
+        raise LaunchError(f"max_failures must be >= 0 (or -1 = retry forever), got {max_failures}")
     use_gpu = gpus_per_worker > 0
     if use_gpu and cfg.train.device == "cpu":
         raise LaunchError("--gpus-per-worker > 0 with --device cpu; drop one of them")
-    if is_local_path(storage):
-        storage = os.path.abspath(storage.removeprefix("file://"))
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        if not os.access(storage, os.W_OK):
-            raise LaunchError(f"storage {storage} is not writable; pass a writable --storage")
+    from sedd_ray.checkpoint import ensure_writable_dir, precheck_writable_dir
+
+    if is_local_path(storage):  # an impossible storage path fails now, creating nothing
+        storage = str(precheck_writable_dir(storage.removeprefix("file://"), "--storage"))
+    # Build (or find) the tokenised data here first: a bad corpus fails before any worker
+    # starts (and before any folder is created), and the workers on this node then read
+    # the cache.
+    from sedd_ray.data import load_data
+
+    load_data(cfg.data, seed=cfg.train.seed)
+    if is_local_path(storage):  # read-only or full disk: fails here, before Ray starts
+        ensure_writable_dir(storage, "--storage")
     run_dir = f"{storage.rstrip('/')}/{name}"
     if not resume and is_local_path(storage) and Path(run_dir).exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    # Build (or find) the tokenised data here first: a bad corpus fails before any worker
-    # starts, and the workers on this node then read the cache.
-    from sedd_ray.data import load_data
-
-    load_data(cfg.data, seed=cfg.train.seed)
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         ray.init(address=address, log_to_driver=True)

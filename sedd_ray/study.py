@@ -121,6 +121,14 @@ class StudySpec:
             raise ConfigError("num_trials must be >= 1")
         if not self.seeds:
             raise ConfigError("a study needs at least one seed")
+        if self.num_workers < 1:
+            raise ConfigError(f"workers per trial must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ConfigError(f"cpus/gpus per worker must be >= 0, got {self.cpus_per_worker} "
+                              f"and {self.gpus_per_worker}")
+        if self.max_concurrent < 0 or self.max_failures < 0:
+            raise ConfigError(f"max_concurrent and max_failures must be >= 0, got "
+                              f"{self.max_concurrent} and {self.max_failures}")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"mode must be min or max, got {self.mode!r}")
         for point in self.points:
@@ -484,13 +492,15 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     import ray
     from ray import tune
 
+    from sedd_ray.checkpoint import ensure_writable_dir, precheck_writable_dir
+
     spec.validate()
     local = "://" not in storage
-    if local:
-        storage = os.path.abspath(storage)
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        if not os.access(storage, os.W_OK):
-            raise ConfigError(f"storage {storage} is not writable; pass a writable --storage")
+    if local:  # an impossible storage path fails now, creating nothing
+        storage = str(precheck_writable_dir(storage, "--storage"))
+    _precheck_data(spec)  # a missing, empty or too short corpus fails before Ray starts
+    if local:  # read-only or full disk: fails here, before Ray starts
+        ensure_writable_dir(storage, "--storage")
     study_dir = f"{storage.rstrip('/')}/{spec.name}"
     tune_dir = f"{study_dir}/tune"
     if not ray.is_initialized():
@@ -514,6 +524,25 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     print(f"study {spec.name!r}: results in {study_dir}", flush=True)
     tuner.fit()
     return study_dir
+
+
+def _precheck_data(spec: StudySpec) -> None:
+    """Load (building the shared cache) the data of each level's first trial config, so a
+    bad corpus is one DataError line before any folder, Ray or trial; the trial drivers
+    then hit the cache."""
+    from sedd_ray.data import load_data
+
+    seen = []
+    for level in spec.levels or [None]:
+        params = {**spec.fixed, "seed": spec.seeds[0]}
+        if spec.ablate:
+            params[spec.ablate] = level
+        for name, p in spec.space.items():
+            params[name] = p.choices[0] if p.kind == "choice" else p.low
+        cfg = spec.trial_config(params)
+        if (cfg.data, cfg.train.seed) not in seen:
+            seen.append((cfg.data, cfg.train.seed))
+            load_data(cfg.data, seed=cfg.train.seed)
 
 
 def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
@@ -562,7 +591,8 @@ _SIGMA_MIN = Float(1e-5, 1e-3, log=True, when={"noise": "geometric"})
 @STUDIES.register("graph-ablation")
 def graph_ablation(**kw: Any) -> StudySpec:
     """Uniform vs absorbing; noise schedule, lr and warm-up tuned within each graph."""
-    return StudySpec(name="graph-ablation", ablate="graph", levels=["uniform", "absorb"],
+    kw.setdefault("name", "graph-ablation")  # --name renames it
+    return StudySpec(ablate="graph", levels=["uniform", "absorb"],
                      space={"lr": _LR, "warmup_steps": _WARMUP, "noise": _NOISE,
                             "sigma_min": _SIGMA_MIN}, **kw)
 
@@ -580,14 +610,16 @@ def noise_ablation(graph: str = "absorb", **kw: Any) -> StudySpec:
 @STUDIES.register("model-size")
 def model_size_sweep(sizes: Sequence[str] = ("tiny", "mini", "base"), **kw: Any) -> StudySpec:
     """A size sweep (each size its own lr); the bound against parameters and compute."""
-    return StudySpec(name="model-size", ablate="model", levels=list(sizes),
+    kw.setdefault("name", "model-size")
+    return StudySpec(ablate="model", levels=list(sizes),
                      space={"lr": _LR}, **kw)
 
 
 @STUDIES.register("search")
 def joint_search(**kw: Any) -> StudySpec:
     """Optuna over every axis together."""
-    return StudySpec(name="search", space={
+    kw.setdefault("name", "search")
+    return StudySpec(space={
         "graph": Choice(["uniform", "absorb"]), "noise": _NOISE, "sigma_min": _SIGMA_MIN,
         "lr": _LR, "warmup_steps": _WARMUP, "batch_size": Choice([8, 16, 32]),
     }, **kw)
@@ -629,23 +661,26 @@ def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         fixed[k.strip()] = v.strip()
+    # ``is None``, not ``or``: an explicit 0 is an error for validate(), never the default.
     kw: dict[str, Any] = dict(
-        trials_per_level=args.trials_per_level
-        or (1 if args.smoke_test else getattr(args, "default_trials", 2)),
-        num_trials=args.num_trials or (2 if args.smoke_test else 4),
+        trials_per_level=args.trials_per_level if args.trials_per_level is not None
+        else (1 if args.smoke_test else getattr(args, "default_trials", 2)),
+        num_trials=args.num_trials if args.num_trials is not None
+        else (2 if args.smoke_test else 4),
         seeds=[int(s) for s in str(args.seeds).split(",") if s.strip()],
         num_workers=args.workers_per_trial, gpus_per_worker=args.gpus_per_trial,
         cpus_per_worker=args.cpus_per_worker, max_concurrent=args.max_concurrent,
         asha=args.asha, **study_kw,
     )
     if args.preset:
+        preset(args.preset)  # an unknown name fails even where --smoke-test replaces it
         kw["base"] = args.preset
     if args.smoke_test:
         kw["base"] = "smoke"
         fixed = {**SMOKE_FIXED, "progress": False, **fixed}
     else:
         fixed.setdefault("progress", False)  # Tune's table is the progress display
-    if args.steps:
+    if args.steps is not None:
         fixed["steps"] = args.steps
     if args.name:
         kw["name"] = args.name
@@ -657,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from sedd_ray.checkpoint import StorageError
+
     p = argparse.ArgumentParser(prog="python -m sedd_ray.study",
                                 description="Run a named study: " + ", ".join(STUDIES))
     p.add_argument("study", help=f"one of: {', '.join(STUDIES)}")
@@ -665,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = spec_from_args(args.study, args)
         study_dir = run_study(spec, args.storage, resume=args.resume, address=args.address)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, StorageError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"study directory: {study_dir}")

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.name or f"{cfg.preset}-{cfg.diffusion.graph}-{cfg.diffusion.noise}"
+    from sedd_ray.checkpoint import CheckpointError, StorageError
+    from sedd_ray.data import DataError
+
     if args.no_ray:
         from sedd_ray.trainer import NonFiniteLossError, train
 
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {name}: output in {output}")
         try:
             result = train(cfg, output, resume=not args.no_resume, run_name=name)
-        except (NonFiniteLossError, OSError, ValueError) as e:
+        except (NonFiniteLossError, CheckpointError, OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         _print_result(result.__dict__, output)
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                         num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
                         cpus_per_worker=args.cpus_per_worker, address=args.address,
                         max_failures=args.max_failures, resume=not args.no_resume)
-    except LaunchError as e:
+    except (LaunchError, StorageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     _print_result(result, result.get("run_dir", ""))

@@ -38,7 +38,14 @@ from torch import nn
 from sedd_ray import checkpoint as ckpt
 from sedd_ray.config import RunConfig
 from sedd_ray.data import DataBundle, load_data
-from sedd_ray.diffusion import elbo_nll, get_graph, get_noise, sample, score_entropy_loss
+from sedd_ray.diffusion import (
+    elbo_nll,
+    get_graph,
+    get_noise,
+    model_score_fn,
+    sample,
+    score_entropy_loss,
+)
 from sedd_ray.model import ScoreModel, count_parameters
 
 TOKENIZER_FILE = "tokenizer.json"  # saved in every checkpoint: sampling needs no corpus
@@ -218,9 +225,8 @@ class Trainer:
                 f"{self.world} x {t.grad_accum}; change --batch-size or --grad-accum"
             )
         self.micro = per_rank // t.grad_accum
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            _check_writable(self.out)
+        if self.is_main:  # an impossible output folder fails now, creating nothing
+            ckpt.precheck_writable_dir(self.out)
 
         # Data: rank 0 builds the cache first, the others then read it.
         if bundle is None:
@@ -231,6 +237,8 @@ class Trainer:
             if not self.is_main:
                 bundle = load_data(cfg.data, seed=t.seed)
         self.data = bundle
+        if self.is_main:  # only once the data is good: a bad corpus leaves no folder behind
+            ckpt.ensure_writable_dir(self.out)  # read-only or full disk: fails before step 1
         self.graph = get_graph(cfg.diffusion.graph, vocab_size=bundle.vocab_size)
         d = cfg.diffusion
         self.noise = (
@@ -315,7 +323,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for a in range(t.grad_accum):
             start = self.step * t.batch_size + a * self.world * self.micro + self.rank * self.micro
-            x0 = self.data.train[self.order.indices(start, self.micro)].to(self.device, non_blocking=True)
+            x0 = self.data.train[self.order.indices(start, self.micro)]
+            if self.device.type == "cuda":  # pinned: the copy below runs asynchronously
+                x0 = x0.pin_memory()
+            x0 = x0.to(self.device, non_blocking=True)
             sync = a == t.grad_accum - 1 or self.world == 1
             ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
             with ctx, (self.autocast or nullcontext()):
@@ -353,11 +364,8 @@ class Trainer:
         if t.sample_count == 0:
             return []
         g = torch.Generator(device=self.device).manual_seed(_derive_seed(t.seed, 5))
-
-        def score_fn(x: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
-            with self.autocast or nullcontext():
-                return self.ema(x, sigma_bar).float().exp()
-
+        # a time-independent (RADD) model reuses its output while no token changed
+        score_fn = model_score_fn(self.ema, autocast=self.autocast)
         x = sample(score_fn, self.graph, self.noise, batch=t.sample_count, length=t.sample_length,
                    steps=t.sample_steps, predictor="analytic", denoise=True,
                    eps=self.cfg.diffusion.sampling_eps, generator=g, device=self.device)
@@ -410,8 +418,8 @@ class Trainer:
             while self.step < t.steps:
                 loss, grad_norm = self._train_step()
                 finite = torch.isfinite(loss)
-                bad_step = torch.where((bad_step < 0) & ~finite,
-                                       torch.tensor(self.step, device=self.device), bad_step)
+                bad_step = torch.where((bad_step < 0) & ~finite,  # full_like: no host sync
+                                       torch.full_like(bad_step, self.step), bad_step)
                 window_loss += torch.where(finite, loss, torch.zeros_like(loss))
                 window_steps += 1
                 if bar is not None:
@@ -528,16 +536,6 @@ def _jsonable(v: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
-
-
-def _check_writable(path: Path) -> None:
-    probe = path / f".write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"x" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output directory {path} is not writable ({e.strerror}); "
-                      "pass a writable --output/--storage") from None
 
 
 def train(cfg: RunConfig, output_dir: str | os.PathLike, report: ReportFn | None = None,

@@ -17,11 +17,13 @@ from sedd_ray.diffusion.loss import elbo_nll, sample_times, score_entropy_loss
 from sedd_ray.diffusion.noise import NOISES, Geometric, LogLinear, Noise, get_noise
 from sedd_ray.diffusion.sampling import (
     PREDICTORS,
+    DenoiserScore,
     analytic_step,
     conditioning_from_prefix_suffix,
     denoise_step,
     euler_step,
     get_predictor,
+    model_score_fn,
     sample,
 )
 
@@ -30,6 +32,7 @@ __all__ = [
     "NOISES",
     "PREDICTORS",
     "Absorbing",
+    "DenoiserScore",
     "Geometric",
     "Graph",
     "LogLinear",
@@ -43,6 +46,7 @@ __all__ = [
     "get_graph",
     "get_noise",
     "get_predictor",
+    "model_score_fn",
     "sample",
     "sample_categorical",
     "sample_times",

@@ -410,6 +410,16 @@ class Uniform(Graph):
         # exp(-d Q) = e^d I + (1 - e^d) 1 1^T / N
         return torch.exp(dsigma) * score - torch.expm1(dsigma) * score.mean(-1, keepdim=True)
 
+    def tweedie_probs(self, i: torch.Tensor, score: torch.Tensor,
+                      dsigma: torch.Tensor | float) -> torch.Tensor:
+        # staggered score st, then st * ((1 - e^{-d}) / N + e^{-d} onehot(i)), in place
+        d = _as_float(dsigma, score)[..., None]
+        st = torch.exp(d) * score
+        st.sub_(torch.expm1(d) * score.mean(-1, keepdim=True))
+        st_i = st.gather(-1, i[..., None])
+        st.mul_(-torch.expm1(-d) / self.dim)
+        return st.scatter_add_(-1, i[..., None], st_i * torch.exp(-d))
+
     def sample_limit(self, *batch_dims: int, device: torch.device | str | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         gen_device = generator.device if generator is not None else device
@@ -534,6 +544,31 @@ class Absorbing(Graph):
     def sample_limit(self, *batch_dims: int, device: torch.device | str | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.full(batch_dims, self.mask_id, dtype=torch.long, device=device)
+
+    # Only a masked position can move, and only to a token. Both predictors' distributions
+    # are [k s_y on tokens, base - k sum s on the mask] at a mask and a single entry at i
+    # elsewhere; these overrides build them in one (*, dim) tensor instead of five.
+    def tweedie_probs(self, i: torch.Tensor, score: torch.Tensor,
+                      dsigma: torch.Tensor | float) -> torch.Tensor:
+        # e^d s_y (1 - e^{-d}) = expm1(d) s_y; the mask keeps s_mask - expm1(d) sum s;
+        # an unmasked i keeps e^d s_i e^{-d} = s_i
+        return self._jump_probs(i, score, torch.expm1(_as_float(dsigma, score)), euler=False)
+
+    def euler_probs(self, i: torch.Tensor, score: torch.Tensor,
+                    step: torch.Tensor | float) -> torch.Tensor:
+        # step s_y on tokens, 1 - step sum s on the mask; 1 on an unmasked i
+        return self._jump_probs(i, score, _as_float(step, score), euler=True)
+
+    def _jump_probs(self, i: torch.Tensor, score: torch.Tensor, k: torch.Tensor,
+                    euler: bool) -> torch.Tensor:
+        probs = score * k[..., None]  # the one (*, dim) tensor, float64 for a float64 k
+        masked = (i == self.mask_id)[..., None]
+        base = 1.0 if euler else score[..., -1].to(probs.dtype)
+        probs[..., -1] = base - probs[..., :-1].sum(-1)
+        idx = i[..., None]
+        own = torch.ones_like(probs[..., :1]) if euler else score.gather(-1, idx).to(probs.dtype)
+        at_i = torch.where(masked, probs.gather(-1, idx), own)
+        return probs.masked_fill_(~masked, 0.0).scatter_(-1, idx, at_i)
 
     def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
                       x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

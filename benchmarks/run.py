@@ -1,0 +1,963 @@
+"""Throughput and overhead benchmarks; writes benchmarks/RESULTS.md.
+
+    python benchmarks/run.py            # CPU, about 10 minutes on 2 cores
+    python benchmarks/run.py --quick    # about 2-3 minutes: fewer steps and repeats
+    python benchmarks/run.py --gpu      # the GPU figures (benchmarks/gpu.sh runs this)
+    python benchmarks/run.py --only sample,radd --out /tmp/r.md
+
+Every measurement runs in its own subprocess (a fresh peak RSS, its own thread setting,
+its own Ray cluster that it always shuts down); the parent samples the child's whole
+process tree from /proc once a second for the summed RSS and PSS. Every figure is the
+median of repeats after warm-up. "before" rows patch in the pre-speed-work code from
+``benchmarks/reference.py``.
+
+Sections (``--only`` takes their names): ``train`` (tokens/s, step time, peak memory per
+preset; fused vs unfused; torch.compile on/off), ``loss`` (the score entropy alone at the
+GPT-2 vocabulary: time and peak memory, fused vs unfused), ``sample`` (tokens/s per
+predictor and steps, before/after), ``radd`` (the cached sampler of a time-independent
+absorbing model against the plain sampler, same samples), ``ray`` (Ray Train 1 worker and
+a 1-trial study against the plain trainer: start-up and steady state), ``study`` (trials
+per hour of the tiny preset at 1 and 2 concurrent trials, with the study's summed memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import glob
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SECTIONS = ("train", "loss", "sample", "radd", "ray", "study")
+GPU_SECTIONS = ("gpu_train", "gpu_loss", "gpu_sample", "radd")
+
+
+# ============================================================================================
+# helpers shared by parent and children
+# ============================================================================================
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def rss_mb() -> float:
+    """Current RSS of this process in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak_rss() -> float:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); returns the current RSS in MiB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return rss_mb()
+
+
+def _variants(a: dict[str, Any]) -> list[bool]:
+    """The code variants a child measures, interleaved: after (False) and/or before (True)."""
+    return [False, True] if a.get("compare") else [bool(a.get("unfused"))]
+
+
+def _patched(unfused: bool):
+    import contextlib
+
+    from benchmarks import reference
+
+    return reference.unfused() if unfused else contextlib.nullcontext()
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cfg(preset_name: str, **params: Any):
+    from sedd_ray.config import apply_params, preset
+
+    return apply_params(preset(preset_name), {"progress": False, **params}).validate()
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (N = parameters that multiply, i.e. all but the input
+    embedding lookup) + 12 n_layers hidden seq_len (attention scores and values)."""
+    from sedd_ray.model import count_parameters
+
+    counts = count_parameters(model)
+    inner = model
+    while not hasattr(inner, "embed"):
+        inner = getattr(inner, "_orig_mod", None) or inner.module
+    n = counts["total"] - inner.embed.weight.numel()
+    cfg = inner.cfg
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.hidden_size * seq_len
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10G": 125e12, "L4": 121e12}
+
+
+def peak_flops(device) -> float | None:
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+# ============================================================================================
+# children: each prints one JSON line
+# ============================================================================================
+
+def child_train(a: dict[str, Any]) -> dict[str, Any]:
+    """Time the trainer's optimizer step (the hot loop) on one preset. With ``compare``,
+    the current and the pre-speed-work code alternate in rounds on the same trainer, so
+    both see the same machine load."""
+    import torch
+
+    from sedd_ray.trainer import Trainer
+
+    _threads(a["threads"])
+    device = torch.device(a.get("device", "cpu"))
+    params = dict(a.get("params", {}))
+    params.update(compile=a.get("compile", "off"), device=device.type)
+    if "precision" in a:
+        params["precision"] = a["precision"]
+    cfg = _cfg(a["preset"], **params)
+    out = tempfile.mkdtemp(prefix="sedd-bench-train-")
+    trainer = Trainer(cfg, out, device=device)
+    variants = _variants(a)
+    rounds = a.get("rounds", 4)
+    per_round = max(1, a["measure"] // rounds)
+    times: dict[bool, list[float]] = {v: [] for v in variants}
+    extra: dict[bool, float] = {v: 0.0 for v in variants}
+    cuda_peak: dict[bool, float] = {}
+    warmup_s = 0.0
+    for v in variants:  # warm-up, each variant
+        with _patched(v):
+            t0 = time.perf_counter()
+            for _ in range(a["warmup"]):
+                trainer._train_step()
+            _sync(device)
+            warmup_s = max(warmup_s, time.perf_counter() - t0)
+    for _ in range(rounds):
+        for v in variants:
+            base = reset_peak_rss()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with _patched(v):
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    loss, _ = trainer._train_step()
+                    _sync(device)
+                    times[v].append(time.perf_counter() - t0)
+            extra[v] = max(extra[v], peak_rss_mb() - base)
+            if device.type == "cuda":
+                cuda_peak[v] = max(cuda_peak.get(v, 0.0),
+                                   torch.cuda.max_memory_allocated(device) / 2**20)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    common = {
+        "preset": a["preset"], "model": cfg.model.name, "batch": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len, "vocab": trainer.data.vocab_size,
+        "graph": cfg.diffusion.graph, "threads": torch.get_num_threads(),
+        "device": str(device), "compile": a.get("compile", "off"), "warmup_s": warmup_s,
+        "loss": float(loss), "n_params": trainer.params["total"],
+        "rss_mb": rss_mb(), "process_peak_rss_mb": peak_rss_mb(),
+    }
+    rows = []
+    for v in variants:
+        ts = sorted(times[v])
+        step = median(ts)
+        row = {**common, "unfused": v, "step_s": step, "step_s_p10": ts[len(ts) // 10],
+               "step_s_p90": ts[(9 * len(ts)) // 10], "tokens_per_s": tokens / step,
+               "step_extra_peak_mb": extra[v]}
+        if device.type == "cuda":
+            row["cuda_peak_mb"] = cuda_peak[v]
+            row["gpu"] = torch.cuda.get_device_name(device)
+            fpt = flops_per_token(trainer.raw_model, cfg.data.seq_len)
+            row["flops_per_token"] = fpt
+            row["tflops"] = fpt * row["tokens_per_s"] / 1e12
+            peak = peak_flops(device)
+            if peak:
+                row["mfu"] = fpt * row["tokens_per_s"] / peak
+        rows.append(row)
+    return {"rows": rows}
+
+
+def child_loss(a: dict[str, Any]) -> dict[str, Any]:
+    """The score entropy alone, forward + backward, on a (B, L, N+1) log-score; the
+    variants alternate."""
+    import torch
+
+    from sedd_ray.diffusion import get_graph
+
+    _threads(a["threads"])
+    device = torch.device(a.get("device", "cpu"))
+    b, length, n = a["batch"], a["length"], a["vocab"]
+    graph = get_graph(a["graph"], vocab_size=n)
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randint(0, n, (b, length), generator=g, device=device)
+    sigma = torch.linspace(0.01, 3.0, b, device=device)[:, None]
+    x = graph.sample_transition(x0, sigma, generator=g)
+    ls = torch.randn(b, length, graph.dim, generator=g, device=device)
+    variants = _variants(a)
+    times: dict[bool, list[float]] = {v: [] for v in variants}
+    extra: dict[bool, float] = {v: 0.0 for v in variants}
+    for i in range(a["warmup"] + a["repeats"]):
+        for v in variants:
+            leaf = ls.clone().requires_grad_()
+            base = reset_peak_rss()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base_cuda = torch.cuda.memory_allocated(device)
+            _sync(device)
+            with _patched(v):
+                t0 = time.perf_counter()
+                graph.score_entropy(leaf, sigma, x, x0).sum().backward()
+                _sync(device)
+                dt_ = time.perf_counter() - t0
+            if i >= a["warmup"]:
+                times[v].append(dt_)
+                peak = ((torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
+                        if device.type == "cuda" else peak_rss_mb() - base)
+                extra[v] = max(extra[v], peak)
+            del leaf
+    return {"rows": [{"graph": a["graph"], "shape": [b, length, graph.dim], "unfused": v,
+                      "time_s": median(times[v]), "extra_peak_mb": extra[v],
+                      "tensor_mb": b * length * graph.dim * 4 / 2**20} for v in variants]}
+
+
+def _sample_model(model_name: str, graph_name: str, vocab: int, time_conditioning: bool, device):
+    import torch
+
+    from sedd_ray.config import model_size
+    from sedd_ray.diffusion import get_graph
+    from sedd_ray.model import ScoreModel
+
+    torch.manual_seed(0)
+    cfg = model_size(model_name)
+    cfg.dropout, cfg.time_conditioning = 0.0, time_conditioning
+    graph = get_graph(graph_name, vocab_size=vocab)
+    model = ScoreModel(cfg, graph).to(device).eval()
+    with torch.no_grad():  # non-zero weights: adaLN-zero would make every block the identity
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model, graph
+
+
+def child_sample(a: dict[str, Any]) -> dict[str, Any]:
+    """Sampling tokens/s per predictor and steps (time-conditioned model, exp(model(x, t)));
+    the variants alternate."""
+    import torch
+
+    from sedd_ray.diffusion import get_noise, model_score_fn, sample
+
+    _threads(a["threads"])
+    device = torch.device(a.get("device", "cpu"))
+    model, graph = _sample_model(a["model"], a["graph"], a["vocab"], True, device)
+    noise = get_noise("loglinear" if a["graph"] == "absorb" else "geometric")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    score_fn = model_score_fn(model, autocast=autocast)
+    variants = _variants(a)
+    rows = []
+    for predictor in a["predictors"]:
+        for steps in a["steps"]:
+            times: dict[bool, list[float]] = {v: [] for v in variants}
+            for i in range(a["repeats"] + 1):  # the first round is the warm-up
+                for v in variants:
+                    with _patched(v):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        sample(score_fn, graph, noise, batch=a["batch"], length=a["length"],
+                               steps=steps, predictor=predictor, device=device,
+                               generator=torch.Generator(device=device).manual_seed(i))
+                        _sync(device)
+                    if i:
+                        times[v].append(time.perf_counter() - t0)
+            for v in variants:
+                t = median(times[v])
+                rows.append({"predictor": predictor, "steps": steps, "unfused": v, "time_s": t,
+                             "tokens_per_s": a["batch"] * a["length"] / t})
+    return {"model": a["model"], "graph": a["graph"], "vocab": a["vocab"], "batch": a["batch"],
+            "length": a["length"], "rows": rows, "threads": torch.get_num_threads(),
+            "device": str(device)}
+
+
+def child_radd(a: dict[str, Any]) -> dict[str, Any]:
+    """Cached vs plain sampling of a time-independent absorbing model, same seeds."""
+    import torch
+
+    from sedd_ray.diffusion import get_noise, model_score_fn, sample
+
+    _threads(a["threads"])
+    device = torch.device(a.get("device", "cpu"))
+    model, graph = _sample_model(a["model"], "absorb", a["vocab"], False, device)
+    noise = get_noise("loglinear")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    length = a["length"]
+    rows = []
+    for batch, mult, mode in a["configs"]:
+        steps = int(mult * length)
+        plain_fn = model_score_fn(model, cache="off", autocast=autocast)
+        cached_fn = model_score_fn(model, cache=mode, autocast=autocast)
+        res: dict[str, list[float]] = {"off": [], mode: []}
+        outs: dict[str, Any] = {}
+        for i in range(a["repeats"] + 1):  # the first pair is the warm-up
+            for name, fn in (("off", plain_fn), (mode, cached_fn)):
+                fn.calls = fn.rows = 0
+                _sync(device)
+                t0 = time.perf_counter()
+                x = sample(fn, graph, noise, batch=batch, length=length, steps=steps,
+                           predictor="analytic", device=device,
+                           generator=torch.Generator(device=device).manual_seed(100 + i))
+                _sync(device)
+                if i:
+                    res[name].append(time.perf_counter() - t0)
+                outs[name] = (x, fn.calls, fn.rows)
+        same = bool(torch.equal(outs["off"][0], outs[mode][0]))
+        agree = float((outs["off"][0] == outs[mode][0]).float().mean())
+        t_off, t_c = median(res["off"]), median(res[mode])
+        rows.append({"batch": batch, "length": length, "steps": steps, "cache": mode,
+                     "plain_s": t_off, "cached_s": t_c, "speedup": t_off / t_c,
+                     "plain_calls": outs["off"][1], "cached_calls": outs[mode][1],
+                     "plain_rows": outs["off"][2], "cached_rows": outs[mode][2],
+                     "identical": same, "token_agreement": agree,
+                     "nfe_bound": (steps + 1) / (1 + steps * (1 - (1 - 1 / steps) ** length))})
+    return {"model": a["model"], "vocab": a["vocab"], "rows": rows,
+            "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def _steady(metrics_path: str | Path, steps: int) -> dict[str, Any]:
+    """Steady state from the trainer's own metrics: the median of its per-window step
+    times (the first window, which holds the warm-up, left out)."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    windows = [r for r in rows if "step_time_s" in r]
+    use = windows[1:] if len(windows) > 2 else windows
+    step = median([r["step_time_s"] for r in use])
+    tps = median([r["tokens_per_s"] for r in use])
+    return {"steady_step_s": step, "steady_tokens_per_s": tps, "windows": len(use),
+            "steady_total_s": step * steps}
+
+
+def _overhead_params(steps: int) -> dict[str, Any]:
+    # evaluation, checkpoint and samples once, at the end; the same for every runner
+    return {"steps": steps, "log_every": 10, "eval_every": steps, "ckpt_every": 0,
+            "test_draws": 0, "seed": 0}
+
+
+def child_plain_run(a: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from sedd_ray.trainer import Trainer
+
+    _threads(a["threads"])
+    cfg = _cfg("tiny", **_overhead_params(a["steps"]), device="cpu")
+    out = Path(tempfile.mkdtemp(prefix="sedd-bench-plain-"))
+    t0 = time.perf_counter()
+    Trainer(cfg, out, device=torch.device("cpu")).run(resume=False)
+    wall = time.perf_counter() - t0
+    return {"runner": "plain", "wall_s": wall, **_steady(out / "metrics.jsonl", a["steps"]),
+            "threads": torch.get_num_threads()}
+
+
+def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    from sedd_ray.launch import launch
+
+    cfg = _cfg("tiny", **_overhead_params(a["steps"]), device="cpu")
+    storage = tempfile.mkdtemp(prefix="sedd-bench-ray-")
+    try:
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False)
+        init_s = time.perf_counter() - t0
+        launch(cfg, name="bench", storage=storage, num_workers=1, max_failures=0)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    steady = _steady(Path(storage) / "bench" / "trainer" / "metrics.jsonl", a["steps"])
+    return {"runner": "ray_train", "wall_s": wall, "ray_init_s": init_s, **steady}
+
+
+def child_ray_study(a: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    from sedd_ray.study import StudySpec, run_study
+
+    storage = tempfile.mkdtemp(prefix="sedd-bench-study-")
+    spec = StudySpec(name="bench-1trial", base="tiny", num_trials=1,
+                     fixed={**_overhead_params(a["steps"]), "device": "cpu", "progress": False})
+    try:
+        t0 = time.perf_counter()
+        run_study(spec, storage, verbose=0)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    paths = glob.glob(f"{storage}/bench-1trial/train/*/trainer/metrics.jsonl")
+    if len(paths) != 1:
+        raise RuntimeError(f"expected one trial's metrics.jsonl, found {paths}")
+    return {"runner": "study_1trial", "wall_s": wall, **_steady(paths[0], a["steps"])}
+
+
+def child_study(a: dict[str, Any]) -> dict[str, Any]:
+    """The README's default study (graph ablation, tiny preset), shorter: trials/hour."""
+    import ray
+
+    from sedd_ray.study import StudySpec, graph_ablation, run_study
+
+    storage = tempfile.mkdtemp(prefix="sedd-bench-tput-")
+    spec: StudySpec = graph_ablation(
+        base="tiny", trials_per_level=a["trials_per_level"], seeds=[0, 1],
+        max_concurrent=a["concurrent"], name=f"bench-c{a['concurrent']}",
+        fixed={"steps": a["steps"], "progress": False, "device": "cpu"})
+    try:
+        t0 = time.perf_counter()
+        run_study(spec, storage, verbose=0)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    from sedd_ray.results import read_trials
+
+    trials = read_trials(storage, spec.name)
+    finished = int((trials["status"] == "terminated").sum())
+    n = spec.total_trials
+    return {"concurrent": a["concurrent"], "trials": n, "finished": finished,
+            "steps": a["steps"], "wall_s": wall, "trials_per_hour": 3600 * n / wall}
+
+
+CHILDREN = {
+    "train": child_train, "loss": child_loss, "sample": child_sample, "radd": child_radd,
+    "plain_run": child_plain_run, "ray_train": child_ray_train, "ray_study": child_ray_study,
+    "study": child_study,
+}
+
+
+# ============================================================================================
+# parent: run children under a memory monitor
+# ============================================================================================
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _mem_kb(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) in KiB from /proc/<pid>/smaps_rollup; zeros when the process is gone."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
+class TreeMemory(threading.Thread):
+    """Samples the summed RSS and PSS of a process tree once a second; keeps the peaks."""
+
+    def __init__(self, pid: int, every: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.peak_rss_mb = self.peak_pss_mb = 0.0
+        self.peak_procs = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            pids = _tree(self.pid)
+            rss = pss = 0
+            for p in pids:
+                r, s = _mem_kb(p)
+                rss, pss = rss + r, pss + s
+            self.peak_rss_mb = max(self.peak_rss_mb, rss / 1024)
+            self.peak_pss_mb = max(self.peak_pss_mb, pss / 1024)
+            self.peak_procs = max(self.peak_procs, len(pids))
+            self.stop.wait(self.every)
+
+
+class Runner:
+    def __init__(self, log_dir: Path, env: dict[str, str], timeout: float) -> None:
+        self.log_dir, self.env, self.timeout = log_dir, env, timeout
+        self.n = 0
+
+    def __call__(self, task: str, args: dict[str, Any], env: dict[str, str] | None = None,
+                 timeout: float | None = None) -> dict[str, Any]:
+        self.n += 1
+        log = self.log_dir / f"{self.n:02d}-{task}.log"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", task, json.dumps(args)]
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True,
+                                    env={**self.env, **(env or {})}, cwd=ROOT)
+            mon = TreeMemory(proc.pid)
+            mon.start()
+            try:
+                out, _ = proc.communicate(timeout=timeout or self.timeout)
+            except subprocess.TimeoutExpired:
+                for pid in reversed(_tree(proc.pid)):  # our own child's tree only
+                    try:
+                        os.kill(pid, 9)
+                    except OSError:
+                        pass
+                proc.communicate()
+                out = ""
+            finally:
+                mon.stop.set()
+                mon.join()
+        wall = time.perf_counter() - t0
+        result: dict[str, Any] = {"task": task, "args": args, "process_wall_s": wall,
+                                  "tree_peak_rss_mb": mon.peak_rss_mb,
+                                  "tree_peak_pss_mb": mon.peak_pss_mb,
+                                  "tree_peak_procs": mon.peak_procs}
+        lines = [ln for ln in (out or "").splitlines() if ln.startswith("{")]
+        if proc.returncode == 0 and lines:
+            result.update(json.loads(lines[-1]))
+            print(f"  [{wall:6.1f}s] {task} {json.dumps(args)[:90]}", flush=True)
+        else:
+            tail = log.read_text().strip().splitlines()[-3:]
+            result["error"] = f"rc={proc.returncode}: " + " | ".join(tail)
+            print(f"  [{wall:6.1f}s] {task} FAILED: {result['error'][:300]}", flush=True)
+        return result
+
+
+# ============================================================================================
+# the plan
+# ============================================================================================
+
+def plan_cpu(run: Runner, quick: bool, only: set[str]) -> dict[str, Any]:
+    R: dict[str, Any] = {}
+    th = 1  # = a Ray worker with 1 CPU (OMP_NUM_THREADS=1); see RESULTS.md on threads
+    if "train" in only:
+        print("train: per preset, after vs before (interleaved), compile on/off", flush=True)
+        presets = ["smoke", "tiny"] if quick else ["smoke", "tiny", "cpu"]
+        w, m = (3, 8) if quick else (4, 24)
+        R["train"] = [run("train", {"preset": p, "warmup": w, "measure": m, "threads": th,
+                                    "compare": True}) for p in presets]
+        R["train"].append(run("train", {"preset": "tiny", "warmup": w, "measure": m, "threads": 2}))
+        if not quick:
+            for p in ("tiny", "cpu"):
+                R["train"].append(run("train", {"preset": p, "warmup": 3, "measure": m,
+                                                "threads": th, "compile": "on"}, timeout=600))
+    if "loss" in only:
+        print("loss: score entropy alone at the GPT-2 vocabulary", flush=True)
+        b, length = (2, 128) if quick else (4, 256)
+        R["loss"] = [run("loss", {"graph": graph, "batch": b, "length": length, "vocab": 50257,
+                                  "warmup": 1, "repeats": 2 if quick else 4, "threads": th,
+                                  "compare": True}) for graph in ("absorb", "uniform")]
+    if "sample" in only:
+        print("sample: tokens/s per predictor and steps", flush=True)
+        common = {"model": "mini", "vocab": 1024, "batch": 8, "length": 128, "threads": th,
+                  "predictors": ["analytic", "euler"], "steps": [32] if quick else [32, 128],
+                  "repeats": 1 if quick else 2, "compare": True}
+        R["sample"] = [run("sample", {**common, "graph": graph})
+                       for graph in (("absorb",) if quick else ("absorb", "uniform"))]
+    if "radd" in only:
+        print("radd: cached vs plain sampler, time-independent absorbing model", flush=True)
+        configs = ([[1, 1, "batch"], [8, 1, "rows"]] if quick else
+                   [[1, 1, "batch"], [1, 2, "batch"], [1, 4, "batch"],
+                    [8, 1, "rows"], [8, 4, "rows"]])
+        R["radd"] = run("radd", {"model": "mini", "vocab": 1024, "length": 128,
+                                 "configs": configs, "repeats": 1 if quick else 3,
+                                 "threads": th})
+    if "ray" in only:
+        print("ray: plain trainer vs Ray Train (1 worker) vs a 1-trial study", flush=True)
+        steps = 60 if quick else 200
+        one = {"OMP_NUM_THREADS": "1"}
+        R["ray"] = [run("plain_run", {"steps": steps, "threads": 1}, env=one),
+                    run("ray_train", {"steps": steps}, env=one)]
+        if not quick:
+            R["ray"].append(run("ray_study", {"steps": steps}, env=one))
+    if "study" in only:
+        print("study: trials/hour, tiny preset, graph ablation", flush=True)
+        steps = 40 if quick else 150
+        R["study"] = [run("study", {"concurrent": c, "trials_per_level": 1 if quick else 2,
+                                    "steps": steps}, env={"OMP_NUM_THREADS": "1"}, timeout=900)
+                      for c in ((2,) if quick else (1, 2))]
+    return R
+
+
+def plan_gpu(run: Runner, quick: bool, only: set[str]) -> dict[str, Any]:
+    R: dict[str, Any] = {}
+    gpu = {"device": "cuda", "threads": 4}
+    if "gpu_train" in only:
+        print("gpu_train: bf16 tokens/s, MFU, compile on/off", flush=True)
+        R["train"] = []
+        # batch 16 x 1024 tokens: the (B, L, 50258) float32 log-score alone is 3.3 GB
+        for preset_name in ("small", "medium"):
+            for comp in ("off", "on"):
+                R["train"].append(run("train", {
+                    **gpu, "preset": preset_name, "warmup": 3 if comp == "off" else 4,
+                    "measure": 8 if quick else 12, "rounds": 2, "compile": comp,
+                    "compare": comp == "off", "precision": "bf16",
+                    "params": {"batch_size": 16}}, timeout=420 if comp == "on" else 240))
+    if "gpu_loss" in only:
+        print("gpu_loss: score entropy at the GPT-2 vocabulary", flush=True)
+        R["loss"] = [run("loss", {**gpu, "graph": g, "batch": 8, "length": 1024, "vocab": 50257,
+                                  "warmup": 2, "repeats": 5, "compare": True})
+                     for g in ("absorb", "uniform")]
+    if "gpu_sample" in only:
+        print("gpu_sample: tokens/s per predictor and steps", flush=True)
+        R["sample"] = [run("sample", {**gpu, "model": "small", "graph": "absorb", "vocab": 50257,
+                                      "batch": 16, "length": 1024,
+                                      "predictors": ["analytic", "euler"], "steps": [128],
+                                      "repeats": 1, "compare": True}, timeout=300)]
+    if "radd" in only:
+        print("radd: cached vs plain sampler", flush=True)
+        R["radd"] = run("radd", {**gpu, "model": "small", "vocab": 50257, "length": 256,
+                                 "configs": [[1, 1, "batch"], [16, 1, "rows"], [16, 4, "rows"]],
+                                 "repeats": 1}, timeout=300)
+    return R
+
+
+# ============================================================================================
+# RESULTS.md
+# ============================================================================================
+
+def _f(x: Any, nd: int = 1) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    if isinstance(x, float):
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _err(r: dict[str, Any]) -> str:
+    return f"FAILED ({r['error'][:160]})" if "error" in r else ""
+
+
+def environment(cmd: str) -> dict[str, Any]:
+    import torch
+
+    try:
+        import ray
+
+        ray_v = ray.__version__
+    except ImportError:
+        ray_v = "-"
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                break
+    except OSError:
+        pass
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": cmd, "cpu": cpu, "cores": os.cpu_count(), "memory": mem,
+        "python": platform.python_version(), "torch": torch.__version__, "ray": ray_v,
+        "git": sha + (" (uncommitted changes)" if dirty else ""),
+        "load_start": os.getloadavg(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
+    L: list[str] = []
+    title = "GPU benchmark results" if gpu else "Benchmark results"
+    L += [f"# {title}", "",
+          f"Written by `{env['command']}` on {env['date']} (took {env['took_min']:.1f} min).", "",
+          "| | |", "|---|---|",
+          f"| machine | {env['cpu']}, {env['cores']} cores, {env['memory']} RAM"
+          + (f"; GPU {env['gpu']} (CUDA {env['cuda']})" if "gpu" in env else "") + " |",
+          f"| versions | Python {env['python']}, torch {env['torch']}, ray {env['ray']} |",
+          f"| code | git {env['git']} |",
+          "| load average (1/5/15 min) | start " + " / ".join(f"{x:.1f}" for x in env["load_start"])
+          + ", end " + " / ".join(f"{x:.1f}" for x in env["load_end"]) + " |",
+          "", "Every figure is the median of repeats after warm-up. Each measurement ran in its "
+          "own process; *peak RSS* is that process's `ru_maxrss`, *tree* memory the summed "
+          "RSS/PSS of the process and all its descendants (Ray's processes included), sampled "
+          "once a second. *before* = the code before the speed work "
+          "(`benchmarks/reference.py`: unfused score entropy, model post-processing, "
+          "sampler step distributions and draw), patched in.", ""]
+    if env.get("load_start", (0,))[0] > (env.get("cores") or 1):
+        L += [f"**The machine was shared and loaded** (load average {env['load_start'][0]:.1f} "
+              f"on {env['cores']} cores): absolute figures are noisy and pessimistic; ratios "
+              "measured back to back are more reliable than absolute throughput.", ""]
+
+    if R.get("train"):
+        L += ["## Training throughput" + (" (bf16)" if gpu else " (CPU, float32)"), "",
+              "The trainer's optimizer step (`Trainer._train_step`: loss, backward, clip, AdamW, "
+              "EMA) timed step by step; tokens/s = batch x seq_len / median step time. "
+              "*before*/*after* rows of a preset come from one process, alternating in rounds "
+              "(same load). *process peak RSS* = the process's VmHWM (model, data, torch); "
+              "*step extra peak* = the most one round of steps raised the RSS above its level "
+              "before the round (the steps' transient memory).", ""]
+        hdr = ("| preset | model | batch x len | vocab | threads | compile | code | step (ms) "
+               "| p10-p90 (ms) | tokens/s | process peak RSS (MiB) | step extra peak (MiB) |")
+        sep = "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        if gpu:
+            hdr += " GPU peak (MiB) | TFLOP/s | MFU |"
+            sep += "---|---|---|"
+        L += [hdr, sep]
+        for r in R["train"]:
+            a = r["args"]
+            if "error" in r:
+                L.append(f"| {a['preset']} | | | | {a['threads']} | {a.get('compile', 'off')} | "
+                         f"| {_err(r)} |")
+                continue
+            for x in r["rows"]:
+                row = (f"| {x['preset']} | {x['model']} | {x['batch']} x {x['seq_len']} "
+                       f"| {x['vocab']} | {x['threads']} | {x['compile']} "
+                       f"| {'before' if x['unfused'] else 'after'} | {_f(x['step_s'] * 1e3)} "
+                       f"| {_f(x['step_s_p10'] * 1e3)}-{_f(x['step_s_p90'] * 1e3)} "
+                       f"| {_f(x['tokens_per_s'], 0)} | {_f(x['process_peak_rss_mb'], 0)} "
+                       f"| {_f(x['step_extra_peak_mb'], 1)} |")
+                if gpu:
+                    row += (f" {_f(x.get('cuda_peak_mb'), 0)} | {_f(x.get('tflops'))} | "
+                            f"{_f(100 * x['mfu']) + ' %' if x.get('mfu') else '-'} |")
+                L.append(row)
+        comp = [x for r in R["train"] if "error" not in r for x in r["rows"]
+                if x["compile"] == "on"]
+        if comp:
+            L += ["", "torch.compile rows: the warm-up (3-4 steps) includes compilation: " +
+                  ", ".join(f"{x['preset']} {x['warmup_s']:.0f} s" for x in comp) + "."]
+        L.append("")
+
+    if R.get("loss"):
+        L += ["## Score entropy alone (GPT-2 vocabulary)", "",
+              "Forward + backward of `graph.score_entropy` on a random (B, L, N+1) float32 "
+              "log-score; before and after alternate in one process. *extra peak* = peak memory "
+              "above the inputs during the call (VmHWM on CPU, the allocator on GPU).", "",
+              "| graph | (B, L, dim) | one tensor (MiB) | code | time (ms) | extra peak (MiB) |",
+              "|---|---|---|---|---|---|"]
+        for r in R["loss"]:
+            if "error" in r:
+                L.append(f"| {r['args']['graph']} | | | | {_err(r)} | |")
+                continue
+            for x in r["rows"]:
+                L.append(f"| {x['graph']} | {tuple(x['shape'])} | {_f(x['tensor_mb'], 0)} | "
+                         f"{'before' if x['unfused'] else 'after'} | {_f(x['time_s'] * 1e3, 0)} | "
+                         f"{_f(x['extra_peak_mb'], 0)} |")
+        L.append("")
+
+    if R.get("sample"):
+        L += ["## Sampling throughput", "",
+              "`sample()` with a time-conditioned model (`exp(model(x, sigma_bar))`), "
+              "random weights; tokens/s = batch x length / time of one whole sample call "
+              "(including the final denoising step).", "",
+              "| graph | model | vocab | batch x len | predictor | steps | code | time (s) | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for r in R["sample"]:
+            if "error" in r:
+                L.append(f"| {r['args']['graph']} | | | | | | | {_err(r)} | |")
+                continue
+            for row in r["rows"]:
+                L.append(f"| {r['graph']} | {r['model']} | {r['vocab']} | {r['batch']} x {r['length']} "
+                         f"| {row['predictor']} | {row['steps']} | {'before' if row['unfused'] else 'after'} "
+                         f"| {_f(row['time_s'], 2)} | {_f(row['tokens_per_s'], 0)} |")
+        L.append("")
+
+    r = R.get("radd")
+    if r:
+        L += ["## Cached sampler: time-independent absorbing model (RADD)", "",
+              "`model_score_fn(model)` with `ModelConfig(time_conditioning=False)` against the "
+              "same model's plain score (`cache=\"off\"`: one network call per step), analytic "
+              "predictor, the same generator seed for both. *batch* cache: skip the call when "
+              "no token of the batch changed (bitwise the plain samples by construction); "
+              "*rows* cache: evaluate only the sequences that changed. *bound* = the speed-up "
+              "if the network were all the cost: (steps + 1) / expected calls per sequence, "
+              "1 + steps (1 - (1 - 1/steps)^L), since with the loglinear schedule every "
+              "position unmasks at a uniform time.", ""]
+        if "error" in r:
+            L += [_err(r), ""]
+        else:
+            L += ["| batch x len | steps | cache | plain (s) | cached (s) | speed-up | bound "
+                  "| network calls (rows) plain -> cached | same samples |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+            for row in r["rows"]:
+                same = "yes (bitwise)" if row["identical"] else f"{100 * row['token_agreement']:.2f} % of tokens"
+                L.append(f"| {row['batch']} x {row['length']} | {row['steps']} | {row['cache']} "
+                         f"| {_f(row['plain_s'], 2)} | {_f(row['cached_s'], 2)} | "
+                         f"**{_f(row['speedup'], 2)}x** | {_f(row['nfe_bound'], 2)}x | "
+                         f"{row['plain_calls']} ({row['plain_rows']}) -> {row['cached_calls']} "
+                         f"({row['cached_rows']}) | {same} |")
+            L.append("")
+
+    if R.get("ray"):
+        rows = {x.get("runner", x["task"]): x for x in R["ray"]}
+        plain = rows.get("plain")
+        L += ["## Ray overhead (tiny preset, 1 CPU worker)", "",
+              "The same run three ways: the plain trainer in one process, Ray Train with one "
+              "worker (`launch`, including `ray.init`), and a 1-trial study (`run_study`: Tune "
+              "driver + Train run). All with 1 thread (OMP_NUM_THREADS=1, what Ray gives a "
+              "1-CPU worker). *steady* = the median of the trainer's own per-window "
+              "`step_time_s` in `metrics.jsonl` (first window left out); *start-up + teardown* = "
+              "wall - steps x steady step (includes the final evaluation, checkpoint and "
+              "samples, identical in all three).", "",
+              "| runner | steps | wall (s) | steady step (ms) | steady tokens/s | start-up + teardown (s) "
+              "| steady ratio vs plain | wall ratio | tree peak RSS / PSS (MiB) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for name in ("plain", "ray_train", "study_1trial"):
+            x = rows.get(name)
+            if x is None:
+                continue
+            if "error" in x:
+                L.append(f"| {name} | | {_err(x)} | | | | | | |")
+                continue
+            steps = x["args"]["steps"]
+            fixed = x["wall_s"] - x["steady_total_s"]
+            ratio = wall_ratio = "-"
+            if plain and "error" not in plain:
+                ratio = f"**{x['steady_step_s'] / plain['steady_step_s']:.3f}**"
+                wall_ratio = f"{x['wall_s'] / plain['wall_s']:.2f}"
+            extra = f" (ray.init {x['ray_init_s']:.1f} s)" if "ray_init_s" in x else ""
+            L.append(f"| {name} | {steps} | {_f(x['wall_s'])} | {_f(x['steady_step_s'] * 1e3)} | "
+                     f"{_f(x['steady_tokens_per_s'], 0)} | {_f(fixed)}{extra} | {ratio} | {wall_ratio} "
+                     f"| {_f(x['tree_peak_rss_mb'], 0)} / {_f(x['tree_peak_pss_mb'], 0)} |")
+        L.append("")
+
+    if R.get("study"):
+        L += ["## Study throughput (graph ablation, tiny preset)", "",
+              "`graph_ablation` (the README's default study) with fewer steps per trial; "
+              "trials/hour = trials / wall time of `run_study` (Ray start-up included). Tree "
+              "memory: the whole Ray process tree of the study (driver, GCS, raylet, "
+              "dashboard, Tune driver and Train workers), summed; PSS counts shared pages once.",
+              "", "| concurrent | trials | steps/trial | finished | wall (s) | trials/hour "
+              "| tree peak RSS (MiB) | tree peak PSS (MiB) | processes |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for x in R["study"]:
+            if "error" in x:
+                L.append(f"| {x['args']['concurrent']} | | | | {_err(x)} | | | | |")
+                continue
+            L.append(f"| {x['concurrent']} | {x['trials']} | {x['steps']} | {x['finished']} | "
+                     f"{_f(x['wall_s'])} | **{_f(x['trials_per_hour'], 0)}** | "
+                     f"{_f(x['tree_peak_rss_mb'], 0)} | {_f(x['tree_peak_pss_mb'], 0)} | "
+                     f"{x['tree_peak_procs']} |")
+        L.append("")
+    return "\n".join(L)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        res = CHILDREN[argv[1]](json.loads(argv[2]))
+        print(json.dumps(res), flush=True)
+        return 0
+    p = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="about 2-3 minutes: fewer steps/repeats")
+    p.add_argument("--gpu", action="store_true", help="the GPU figures (needs CUDA)")
+    p.add_argument("--only", default=None, help="comma-separated sections: " + ", ".join(SECTIONS)
+                   + " (GPU: " + ", ".join(GPU_SECTIONS) + ")")
+    p.add_argument("--out", default=None, help="markdown output (default benchmarks/RESULTS.md; "
+                   "RESULTS_quick.md with --quick, RESULTS_GPU.md with --gpu)")
+    p.add_argument("--timeout", type=float, default=400, help="seconds per measurement")
+    args = p.parse_args(argv)
+    cmd = "python benchmarks/run.py" + (" " + " ".join(shlex.quote(a) for a in argv) if argv else "")
+    sections = GPU_SECTIONS if args.gpu else SECTIONS
+    only = set(args.only.split(",")) if args.only else set(sections)
+    unknown = only - set(sections)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; valid: {', '.join(sections)}")
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --gpu needs a CUDA device, and torch.cuda.is_available() is False "
+                  f"(torch {torch.__version__}, CUDA build {torch.version.cuda})", file=sys.stderr)
+            return 2
+    name = "RESULTS_GPU.md" if args.gpu else ("RESULTS_quick.md" if args.quick else "RESULTS.md")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / name
+    env_vars = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONPATH": str(ROOT)}
+    env = environment(cmd)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sedd-bench-logs-") as logs:
+        run = Runner(Path(logs), env_vars, args.timeout)
+        if not args.gpu:  # build the data caches outside any timing
+            from sedd_ray.config import preset
+            from sedd_ray.data import load_data
+
+            for p_name in ("tiny", "cpu"):
+                load_data(preset(p_name).data)
+        R = (plan_gpu if args.gpu else plan_cpu)(run, args.quick, only)
+    env["took_min"] = (time.perf_counter() - t0) / 60
+    env["load_end"] = os.getloadavg()
+    out.write_text(render(env, R, args.gpu) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "results": R}, indent=1, default=str))
+    print(f"wrote {out} and {out.with_suffix('.json').name} ({env['took_min']:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
