@@ -166,7 +166,8 @@ def child_train(a: dict[str, Any]) -> dict[str, Any]:
         params["precision"] = a["precision"]
     cfg = _cfg(a["preset"], **params)
     out = tempfile.mkdtemp(prefix="sedd-bench-train-")
-    trainer = Trainer(cfg, out, device=device)
+    bundle = _random_bundle(cfg) if a.get("random_data") else None
+    trainer = Trainer(cfg, out, device=device, bundle=bundle)
     variants = _variants(a)
     rounds = a.get("rounds", 4)
     per_round = max(1, a["measure"] // rounds)
@@ -198,7 +199,7 @@ def child_train(a: dict[str, Any]) -> dict[str, Any]:
                                    torch.cuda.max_memory_allocated(device) / 2**20)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     common = {
-        "preset": a["preset"], "model": cfg.model.name, "batch": cfg.train.batch_size,
+        "preset": a.get("label", a["preset"]), "model": cfg.model.name, "batch": cfg.train.batch_size,
         "seq_len": cfg.data.seq_len, "vocab": trainer.data.vocab_size,
         "graph": cfg.diffusion.graph, "threads": torch.get_num_threads(),
         "device": str(device), "compile": a.get("compile", "off"), "warmup_s": warmup_s,
@@ -223,6 +224,24 @@ def child_train(a: dict[str, Any]) -> dict[str, Any]:
                 row["mfu"] = fpt * row["tokens_per_s"] / peak
         rows.append(row)
     return {"rows": rows}
+
+
+def _random_bundle(cfg):
+    """Uniformly random token blocks of the config's vocabulary and length: throughput does
+    not depend on the text, and a GPU box may have no corpus (or network) at hand."""
+    import torch
+
+    from sedd_ray.data import DataBundle
+
+    vocab = 50257 if cfg.data.tokenizer == "gpt2" else cfg.data.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def blocks(n: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (n, cfg.data.seq_len), generator=g)
+
+    return DataBundle(train=blocks(max(256, 4 * cfg.train.batch_size)), val=blocks(64),
+                      test=blocks(64), vocab_size=vocab, eos_id=0, tokenizer=None,
+                      meta={"corpus": "random"})
 
 
 def child_loss(a: dict[str, Any]) -> dict[str, Any]:
@@ -583,41 +602,53 @@ class Runner:
 # the plan
 # ============================================================================================
 
-def plan_cpu(run: Runner, quick: bool, only: set[str]) -> dict[str, Any]:
-    R: dict[str, Any] = {}
+def plan_cpu(run: Runner, quick: bool, only: set[str], R: dict[str, Any], save) -> None:
     th = 1  # = a Ray worker with 1 CPU (OMP_NUM_THREADS=1); see RESULTS.md on threads
     if "train" in only:
         print("train: per preset, after vs before (interleaved), compile on/off", flush=True)
         presets = ["smoke", "tiny"] if quick else ["smoke", "tiny", "cpu"]
         w, m = (3, 8) if quick else (4, 24)
-        R["train"] = [run("train", {"preset": p, "warmup": w, "measure": m, "threads": th,
-                                    "compare": True}) for p in presets]
+        R["train"] = []
+        for p in presets:
+            R["train"].append(run("train", {"preset": p, "warmup": w, "measure": m,
+                                            "threads": th, "compare": True}))
+        R["train"].append(run("train", {
+            "preset": "tiny", "label": "tiny, GPT-2 vocab", "warmup": w, "measure": m,
+            "threads": th, "compare": True, "random_data": True,
+            "params": {"tokenizer": "gpt2", "batch_size": 8}}))
         R["train"].append(run("train", {"preset": "tiny", "warmup": w, "measure": m, "threads": 2}))
+        save()
         if not quick:
             for p in ("tiny", "cpu"):
-                R["train"].append(run("train", {"preset": p, "warmup": 3, "measure": m,
+                R["train"].append(run("train", {"preset": p, "warmup": 3, "measure": 16,
                                                 "threads": th, "compile": "on"}, timeout=600))
+                save()
     if "loss" in only:
         print("loss: score entropy alone at the GPT-2 vocabulary", flush=True)
         b, length = (2, 128) if quick else (4, 256)
         R["loss"] = [run("loss", {"graph": graph, "batch": b, "length": length, "vocab": 50257,
                                   "warmup": 1, "repeats": 2 if quick else 4, "threads": th,
                                   "compare": True}) for graph in ("absorb", "uniform")]
+        save()
     if "sample" in only:
         print("sample: tokens/s per predictor and steps", flush=True)
         common = {"model": "mini", "vocab": 1024, "batch": 8, "length": 128, "threads": th,
-                  "predictors": ["analytic", "euler"], "steps": [32] if quick else [32, 128],
-                  "repeats": 1 if quick else 2, "compare": True}
-        R["sample"] = [run("sample", {**common, "graph": graph})
-                       for graph in (("absorb",) if quick else ("absorb", "uniform"))]
+                  "predictors": ["analytic", "euler"], "repeats": 1 if quick else 2,
+                  "compare": True}
+        R["sample"] = [run("sample", {**common, "graph": "absorb",
+                                      "steps": [32] if quick else [32, 128]})]
+        if not quick:
+            R["sample"].append(run("sample", {**common, "graph": "uniform", "steps": [32]}))
+        save()
     if "radd" in only:
         print("radd: cached vs plain sampler, time-independent absorbing model", flush=True)
         configs = ([[1, 1, "batch"], [8, 1, "rows"]] if quick else
                    [[1, 1, "batch"], [1, 2, "batch"], [1, 4, "batch"],
-                    [8, 1, "rows"], [8, 4, "rows"]])
+                    [8, 1, "rows"], [8, 2, "rows"]])
         R["radd"] = run("radd", {"model": "mini", "vocab": 1024, "length": 128,
-                                 "configs": configs, "repeats": 1 if quick else 3,
+                                 "configs": configs, "repeats": 1 if quick else 2,
                                  "threads": th})
+        save()
     if "ray" in only:
         print("ray: plain trainer vs Ray Train (1 worker) vs a 1-trial study", flush=True)
         steps = 60 if quick else 200
@@ -626,46 +657,68 @@ def plan_cpu(run: Runner, quick: bool, only: set[str]) -> dict[str, Any]:
                     run("ray_train", {"steps": steps}, env=one)]
         if not quick:
             R["ray"].append(run("ray_study", {"steps": steps}, env=one))
+        save()
     if "study" in only:
         print("study: trials/hour, tiny preset, graph ablation", flush=True)
-        steps = 40 if quick else 150
-        R["study"] = [run("study", {"concurrent": c, "trials_per_level": 1 if quick else 2,
-                                    "steps": steps}, env={"OMP_NUM_THREADS": "1"}, timeout=900)
-                      for c in ((2,) if quick else (1, 2))]
-    return R
+        steps = 40 if quick else 100
+        R["study"] = []
+        for c in (2,) if quick else (1, 2):
+            R["study"].append(run("study", {"concurrent": c, "trials_per_level": 1 if quick else 2,
+                                            "steps": steps}, env={"OMP_NUM_THREADS": "1"},
+                                  timeout=900))
+            save()
 
 
-def plan_gpu(run: Runner, quick: bool, only: set[str]) -> dict[str, Any]:
-    R: dict[str, Any] = {}
-    gpu = {"device": "cuda", "threads": 4}
-    if "gpu_train" in only:
-        print("gpu_train: bf16 tokens/s, MFU, compile on/off", flush=True)
+def plan_gpu(run: Runner, quick: bool, only: set[str], R: dict[str, Any], save,
+             dry_run: bool = False) -> None:
+    """The GPU figures; ``dry_run`` runs every child on the CPU at toy sizes (a check of
+    the script itself on a machine without a GPU)."""
+    dev = {"device": "cpu" if dry_run else "cuda", "threads": 1 if dry_run else 4}
+    vocab = 512 if dry_run else 50257
+    big, len_train = ("tiny", 64) if dry_run else (None, 1024)
+    def train(preset_name: str, comp: str) -> None:
+        params: dict[str, Any] = {"batch_size": 16}
+        if dry_run:
+            params.update(model="tiny", seq_len=len_train, batch_size=4, sample_length=32)
+        R["train"].append(run("train", {
+            **dev, "preset": preset_name, "warmup": 3 if comp == "off" else 4,
+            "measure": 8 if quick else 12, "rounds": 2, "compile": comp,
+            "compare": comp == "off", "precision": "bf16", "random_data": True,
+            "params": params}, timeout=200))
+        save()
+
+    if "gpu_train" in only:  # eager first; compile (minutes of compilation) at the very end
+        print("gpu_train: bf16 tokens/s, MFU, before/after", flush=True)
         R["train"] = []
-        # batch 16 x 1024 tokens: the (B, L, 50258) float32 log-score alone is 3.3 GB
+        # batch 16 x 1024: the (B, L, 50258) float32 log-score alone is 3.3 GB
         for preset_name in ("small", "medium"):
-            for comp in ("off", "on"):
-                R["train"].append(run("train", {
-                    **gpu, "preset": preset_name, "warmup": 3 if comp == "off" else 4,
-                    "measure": 8 if quick else 12, "rounds": 2, "compile": comp,
-                    "compare": comp == "off", "precision": "bf16",
-                    "params": {"batch_size": 16}}, timeout=420 if comp == "on" else 240))
+            train(preset_name, "off")
     if "gpu_loss" in only:
         print("gpu_loss: score entropy at the GPT-2 vocabulary", flush=True)
-        R["loss"] = [run("loss", {**gpu, "graph": g, "batch": 8, "length": 1024, "vocab": 50257,
-                                  "warmup": 2, "repeats": 5, "compare": True})
+        b, length = (2, 64) if dry_run else (8, 1024)
+        R["loss"] = [run("loss", {**dev, "graph": g, "batch": b, "length": length,
+                                  "vocab": vocab, "warmup": 2, "repeats": 5, "compare": True})
                      for g in ("absorb", "uniform")]
+        save()
     if "gpu_sample" in only:
         print("gpu_sample: tokens/s per predictor and steps", flush=True)
-        R["sample"] = [run("sample", {**gpu, "model": "small", "graph": "absorb", "vocab": 50257,
-                                      "batch": 16, "length": 1024,
-                                      "predictors": ["analytic", "euler"], "steps": [128],
+        # (4, 1024, 50258) float64 step distributions: 1.6 GB each
+        R["sample"] = [run("sample", {**dev, "model": big or "small", "graph": "absorb",
+                                      "vocab": vocab, "batch": 4, "length": len_train,
+                                      "predictors": ["analytic", "euler"], "steps": [64],
                                       "repeats": 1, "compare": True}, timeout=300)]
+        save()
     if "radd" in only:
         print("radd: cached vs plain sampler", flush=True)
-        R["radd"] = run("radd", {**gpu, "model": "small", "vocab": 50257, "length": 256,
-                                 "configs": [[1, 1, "batch"], [16, 1, "rows"], [16, 4, "rows"]],
+        R["radd"] = run("radd", {**dev, "model": big or "small", "vocab": vocab,
+                                 "length": 64 if dry_run else 256,
+                                 "configs": [[1, 1, "batch"], [1, 4, "batch"], [16, 1, "rows"]],
                                  "repeats": 1}, timeout=300)
-    return R
+        save()
+    if "gpu_train" in only and not dry_run:
+        print("gpu_train: torch.compile on", flush=True)
+        for preset_name in ("small", "medium"):
+            train(preset_name, "on")
 
 
 # ============================================================================================
@@ -916,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="about 2-3 minutes: fewer steps/repeats")
     p.add_argument("--gpu", action="store_true", help="the GPU figures (needs CUDA)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --gpu: run the GPU plan on the CPU at toy sizes (checks the script)")
     p.add_argument("--only", default=None, help="comma-separated sections: " + ", ".join(SECTIONS)
                    + " (GPU: " + ", ".join(GPU_SECTIONS) + ")")
     p.add_argument("--out", default=None, help="markdown output (default benchmarks/RESULTS.md; "
@@ -928,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - set(sections)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; valid: {', '.join(sections)}")
-    if args.gpu:
+    if args.gpu and not args.dry_run:
         import torch
 
         if not torch.cuda.is_available():
@@ -942,19 +997,27 @@ def main(argv: list[str] | None = None) -> int:
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONPATH": str(ROOT)}
     env = environment(cmd)
     t0 = time.perf_counter()
+    R: dict[str, Any] = {}
+
+    def save() -> None:  # after every section: a killed run still leaves its figures
+        env["took_min"] = (time.perf_counter() - t0) / 60
+        env["load_end"] = os.getloadavg()
+        out.write_text(render(env, R, args.gpu) + "\n")
+        out.with_suffix(".json").write_text(json.dumps({"env": env, "results": R}, indent=1,
+                                                       default=str))
+
     with tempfile.TemporaryDirectory(prefix="sedd-bench-logs-") as logs:
         run = Runner(Path(logs), env_vars, args.timeout)
-        if not args.gpu:  # build the data caches outside any timing
+        if args.gpu:
+            plan_gpu(run, args.quick, only, R, save, dry_run=args.dry_run)
+        else:
             from sedd_ray.config import preset
             from sedd_ray.data import load_data
 
-            for p_name in ("tiny", "cpu"):
+            for p_name in ("tiny", "cpu"):  # build the data caches outside any timing
                 load_data(preset(p_name).data)
-        R = (plan_gpu if args.gpu else plan_cpu)(run, args.quick, only)
-    env["took_min"] = (time.perf_counter() - t0) / 60
-    env["load_end"] = os.getloadavg()
-    out.write_text(render(env, R, args.gpu) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "results": R}, indent=1, default=str))
+            plan_cpu(run, args.quick, only, R, save)
+    save()
     print(f"wrote {out} and {out.with_suffix('.json').name} ({env['took_min']:.1f} min)")
     return 0
 

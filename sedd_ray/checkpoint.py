@@ -38,6 +38,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or fails its checksum."""
 
 
+class StorageError(OSError):
+    """An output or storage folder cannot be created or written; one line says which and why."""
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -97,10 +101,21 @@ def save_checkpoint(
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        atomic_write_text(root / LATEST_FILE, json.dumps({"name": final.name, "step": step}))
+    except OSError as e:  # disk full, quota, read-only: say what survived
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            kept = latest_checkpoint(root)
+        except CheckpointError:
+            kept = None
+        survived = f"{kept.name} is intact" if kept else "no earlier checkpoint exists"
+        raise StorageError(
+            f"checkpoint {final} could not be written ({e.strerror or e}); {survived}: free "
+            "some space and run again to resume from it"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST_FILE, json.dumps({"name": final.name, "step": step}))
     if keep:
         for old in list_checkpoints(root)[:-keep]:
             if old != final:
@@ -193,10 +208,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 # --- output folders ---------------------------------------------------------------------
-
-class StorageError(OSError):
-    """An output or storage folder cannot be created or written; one line says which and why."""
-
 
 def precheck_writable_dir(path: str | os.PathLike, flag: str = "--output") -> Path:
     """Fail fast, creating nothing, when ``path`` cannot become a writable folder.

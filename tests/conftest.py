@@ -11,6 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The test models are tiny: a second intra-op thread only adds synchronisation (and on a
+# busy machine it made some tests several times slower). Ray workers run with one too.
+torch.set_num_threads(1)
 
 # One data cache for the whole session (and for Ray workers, which inherit the env):
 # the BPE tokenizer is trained and the corpus packed once.

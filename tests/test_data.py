@@ -279,7 +279,7 @@ def test_bad_corpus(corpus, match, tmp_path):
     with pytest.raises(DataError, match=match):
         load_data(DataConfig(corpus=corpus, cache_dir=str(tmp_path / "c")))
     assert not (tmp_path / "c").exists()
-    assert set(CORPORA) == {"shakespeare", "text", "wikitext2"}
+    assert set(CORPORA) == {"shakespeare", "text", "wikitext2", "markov", "copy"}
 
 
 def test_empty_corpus(tmp_path):

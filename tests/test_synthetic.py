@@ -197,6 +197,16 @@ def test_load_data_draws_independent_splits(tmp_path):
     assert copy.meta["true_nll"] == pytest.approx(5 * math.log(4) / 9, rel=1e-13)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine two threads
+    spin-wait for each other (several times the CPU time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- the bound with exact scores is the exact entropy ------------------------------------------
 
 def exact_log_score(src: Markov, graph, x_t: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
@@ -229,7 +239,7 @@ def exact_log_score(src: Markov, graph, x_t: torch.Tensor, sigma_bar: torch.Tens
 
 
 @pytest.mark.parametrize("graph_name,noise_name", [("absorb", "loglinear"), ("uniform", "geometric")])
-def test_exact_scores_make_the_bound_tight(graph_name, noise_name):
+def test_exact_scores_make_the_bound_tight(graph_name, noise_name, one_thread):
     """With the true scores the ELBO equals the exact NLL (up to the eps_t truncation and
     the prior term, ~1e-3): the loss, its weighting and the prior KL are right, not merely
     an upper bound. Paired per sequence with the exact -log p(x) / L."""
@@ -251,16 +261,6 @@ def test_exact_scores_make_the_bound_tight(graph_name, noise_name):
 
 E2E_SOURCE = "markov:vocab=8,order=1,sharpness=3,seed=0,blocks=4096"
 E2E_STEPS = 1200  # bound / true_nll at the end: 1.052, 1.068, 1.077 for seeds 0, 1, 2
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine two threads
-    spin-wait for each other (several times the CPU time)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -4,10 +4,14 @@ The loop starts from the graph's limit at ``t = 1`` and walks the grid
 ``linspace(1, eps, steps + 1)``; each step calls a predictor from :data:`PREDICTORS`:
 
 - ``euler``: ``p = onehot(x) + dt sigma(t) reverse_rate(x, s)``, negatives clamped,
-  renormalised.
+  renormalised (:meth:`Graph.euler_probs`).
 - ``analytic`` (Tweedie tau-leaping): with ``d = sigma_bar(t) - sigma_bar(t - dt)``,
   ``p = staggered_score(s, d) * transp_transition(x, d)``; exact for one position when
-  ``s`` is the exact score.
+  ``s`` is the exact score (:meth:`Graph.tweedie_probs`).
+
+Each step builds its (B, L, dim) float64 distribution in one tensor and draws from it in
+place (clamp, cumsum, searchsorted): the graphs' closed forms replace the products of
+dense (B, L, dim) factors.
 
 ``denoise=True`` adds an analytic step from ``eps`` to 0 that removes all remaining noise;
 for the absorbing graph the mask is excluded from that draw, so no mask survives. Fixed
