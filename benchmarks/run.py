@@ -1,7 +1,7 @@
 """Throughput and overhead benchmarks; writes benchmarks/RESULTS.md.
 
     python benchmarks/run.py            # CPU, about 10 minutes on 2 cores
-    python benchmarks/run.py --quick    # about 2-3 minutes: fewer steps and repeats
+    python benchmarks/run.py --quick    # about 2-3 minutes: fewer steps and repeats, no study
     python benchmarks/run.py --gpu      # the GPU figures (benchmarks/gpu.sh runs this)
     python benchmarks/run.py --only sample,radd --out /tmp/r.md
 
@@ -23,12 +23,14 @@ per hour of the tiny preset at 1 and 2 concurrent trials, with the study's summe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import glob
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,12 +90,10 @@ def reset_peak_rss() -> float:
 
 def _variants(a: dict[str, Any]) -> list[bool]:
     """The code variants a child measures, interleaved: after (False) and/or before (True)."""
-    return [False, True] if a.get("compare") else [bool(a.get("unfused"))]
+    return [False, True] if a.get("compare") else [False]
 
 
 def _patched(unfused: bool):
-    import contextlib
-
     from benchmarks import reference
 
     return reference.unfused() if unfused else contextlib.nullcontext()
@@ -151,70 +151,84 @@ def peak_flops(device) -> float | None:
 # ============================================================================================
 
 def child_train(a: dict[str, Any]) -> dict[str, Any]:
-    """Time the trainer's optimizer step (the hot loop) on one preset. With ``compare``,
-    the current and the pre-speed-work code alternate in rounds on the same trainer, so
-    both see the same machine load."""
+    """Time the trainer's optimizer step (the hot loop) on one preset.
+
+    ``compare`` alternates two variants in rounds on the same trainer, so both see the same
+    machine load: ``"code"`` (current vs pre-speed-work code), ``"compile"`` (the
+    torch.compile'd model vs the eager one; its warm-up holds the compilation) or
+    ``"threads"`` (1 vs 2 torch threads)."""
+    import contextlib
+
     import torch
 
     from sedd_ray.trainer import Trainer
 
     _threads(a["threads"])
     device = torch.device(a.get("device", "cpu"))
+    compare = a.get("compare")
     params = dict(a.get("params", {}))
-    params.update(compile=a.get("compile", "off"), device=device.type)
+    params.update(compile="on" if compare == "compile" else a.get("compile", "off"),
+                  device=device.type)
     if "precision" in a:
         params["precision"] = a["precision"]
     cfg = _cfg(a["preset"], **params)
     out = tempfile.mkdtemp(prefix="sedd-bench-train-")
     bundle = _random_bundle(cfg) if a.get("random_data") else None
     trainer = Trainer(cfg, out, device=device, bundle=bundle)
-    variants = _variants(a)
+    compiled = trainer.model
+    variants = {  # name -> (fields of its row, context that sets it up)
+        "code": [({"unfused": False}, contextlib.nullcontext),
+                 ({"unfused": True}, lambda: _patched(True))],
+        "compile": [({"compile": "on"}, lambda: _swap(trainer, compiled)),
+                    ({"compile": "off"}, lambda: _swap(trainer, trainer.raw_model))],
+        "threads": [({"threads": 1}, lambda: _nthreads(1)), ({"threads": 2}, lambda: _nthreads(2))],
+    }.get(compare, [({}, contextlib.nullcontext)])
     rounds = a.get("rounds", 4)
     per_round = max(1, a["measure"] // rounds)
-    times: dict[bool, list[float]] = {v: [] for v in variants}
-    extra: dict[bool, float] = {v: 0.0 for v in variants}
-    cuda_peak: dict[bool, float] = {}
-    warmup_s = 0.0
-    for v in variants:  # warm-up, each variant
-        with _patched(v):
+    times: list[list[float]] = [[] for _ in variants]
+    extra = [0.0 for _ in variants]
+    cuda_peak = [0.0 for _ in variants]
+    warmup_s = [0.0 for _ in variants]
+    for k, (_, ctx) in enumerate(variants):  # warm-up, each variant
+        with ctx():
             t0 = time.perf_counter()
             for _ in range(a["warmup"]):
                 trainer._train_step()
             _sync(device)
-            warmup_s = max(warmup_s, time.perf_counter() - t0)
+            warmup_s[k] = time.perf_counter() - t0
     for _ in range(rounds):
-        for v in variants:
+        for k, (_, ctx) in enumerate(variants):
             base = reset_peak_rss()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            with _patched(v):
+            with ctx():
                 for _ in range(per_round):
                     t0 = time.perf_counter()
                     loss, _ = trainer._train_step()
                     _sync(device)
-                    times[v].append(time.perf_counter() - t0)
-            extra[v] = max(extra[v], peak_rss_mb() - base)
+                    times[k].append(time.perf_counter() - t0)
+            extra[k] = max(extra[k], peak_rss_mb() - base)
             if device.type == "cuda":
-                cuda_peak[v] = max(cuda_peak.get(v, 0.0),
-                                   torch.cuda.max_memory_allocated(device) / 2**20)
+                cuda_peak[k] = max(cuda_peak[k], torch.cuda.max_memory_allocated(device) / 2**20)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     common = {
-        "preset": a.get("label", a["preset"]), "model": cfg.model.name, "batch": cfg.train.batch_size,
-        "seq_len": cfg.data.seq_len, "vocab": trainer.data.vocab_size,
-        "graph": cfg.diffusion.graph, "threads": torch.get_num_threads(),
-        "device": str(device), "compile": a.get("compile", "off"), "warmup_s": warmup_s,
-        "loss": float(loss), "n_params": trainer.params["total"],
-        "rss_mb": rss_mb(), "process_peak_rss_mb": peak_rss_mb(),
+        "preset": a.get("label", a["preset"]), "model": cfg.model.name,
+        "batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
+        "vocab": trainer.data.vocab_size, "graph": cfg.diffusion.graph,
+        "threads": torch.get_num_threads(), "device": str(device),
+        "compile": cfg.train.compile, "unfused": False, "loss": float(loss),
+        "n_params": trainer.params["total"], "rss_mb": rss_mb(),
+        "process_peak_rss_mb": peak_rss_mb(),
     }
     rows = []
-    for v in variants:
-        ts = sorted(times[v])
+    for k, (fields, _) in enumerate(variants):
+        ts = sorted(times[k])
         step = median(ts)
-        row = {**common, "unfused": v, "step_s": step, "step_s_p10": ts[len(ts) // 10],
+        row = {**common, **fields, "step_s": step, "step_s_p10": ts[len(ts) // 10],
                "step_s_p90": ts[(9 * len(ts)) // 10], "tokens_per_s": tokens / step,
-               "step_extra_peak_mb": extra[v]}
+               "step_extra_peak_mb": extra[k], "warmup_s": warmup_s[k]}
         if device.type == "cuda":
-            row["cuda_peak_mb"] = cuda_peak[v]
+            row["cuda_peak_mb"] = cuda_peak[k]
             row["gpu"] = torch.cuda.get_device_name(device)
             fpt = flops_per_token(trainer.raw_model, cfg.data.seq_len)
             row["flops_per_token"] = fpt
@@ -223,7 +237,30 @@ def child_train(a: dict[str, Any]) -> dict[str, Any]:
             if peak:
                 row["mfu"] = fpt * row["tokens_per_s"] / peak
         rows.append(row)
+    shutil.rmtree(out, ignore_errors=True)
     return {"rows": rows}
+
+
+@contextlib.contextmanager
+def _swap(trainer, model):
+    before = trainer.model
+    trainer.model = model
+    try:
+        yield
+    finally:
+        trainer.model = before
+
+
+@contextlib.contextmanager
+def _nthreads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _random_bundle(cfg):
@@ -321,7 +358,8 @@ def child_sample(a: dict[str, Any]) -> dict[str, Any]:
     variants = _variants(a)
     rows = []
     for predictor in a["predictors"]:
-        for steps in a["steps"]:
+        grid = a["steps"][predictor] if isinstance(a["steps"], dict) else a["steps"]
+        for steps in grid:
             times: dict[bool, list[float]] = {v: [] for v in variants}
             for i in range(a["repeats"] + 1):  # the first round is the warm-up
                 for v in variants:
@@ -393,10 +431,11 @@ def _steady(metrics_path: str | Path, steps: int) -> dict[str, Any]:
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     windows = [r for r in rows if "step_time_s" in r]
     use = windows[1:] if len(windows) > 2 else windows
-    step = median([r["step_time_s"] for r in use])
+    ts = sorted(r["step_time_s"] for r in use)
+    step = median(ts)
     tps = median([r["tokens_per_s"] for r in use])
-    return {"steady_step_s": step, "steady_tokens_per_s": tps, "windows": len(use),
-            "steady_total_s": step * steps}
+    return {"steady_step_s": step, "steady_step_p10_s": ts[len(ts) // 10],
+            "steady_tokens_per_s": tps, "windows": len(use), "steady_total_s": step * steps}
 
 
 def _overhead_params(steps: int) -> dict[str, Any]:
@@ -416,8 +455,9 @@ def child_plain_run(a: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     Trainer(cfg, out, device=torch.device("cpu")).run(resume=False)
     wall = time.perf_counter() - t0
-    return {"runner": "plain", "wall_s": wall, **_steady(out / "metrics.jsonl", a["steps"]),
-            "threads": torch.get_num_threads()}
+    steady = _steady(out / "metrics.jsonl", a["steps"])
+    shutil.rmtree(out, ignore_errors=True)
+    return {"runner": "plain", "wall_s": wall, **steady, "threads": torch.get_num_threads()}
 
 
 def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
@@ -429,14 +469,27 @@ def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
     storage = tempfile.mkdtemp(prefix="sedd-bench-ray-")
     try:
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False)
+        # address="local": a new cluster of our own, never one that `ray start` left running
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
         init_s = time.perf_counter() - t0
         launch(cfg, name="bench", storage=storage, num_workers=1, max_failures=0)
         wall = time.perf_counter() - t0
     finally:
         ray.shutdown()
     steady = _steady(Path(storage) / "bench" / "trainer" / "metrics.jsonl", a["steps"])
+    shutil.rmtree(storage, ignore_errors=True)
     return {"runner": "ray_train", "wall_s": wall, "ray_init_s": init_s, **steady}
+
+
+def _local_ray_for_study() -> None:
+    """What run_study's own ray.init does, but on a new local cluster (address="local"):
+    without an address, ray.init joins a cluster that `ray start` left on the machine."""
+    import ray
+
+    from sedd_ray.study import DRIVER_RESOURCE
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ray.init(address="local", resources={DRIVER_RESOURCE: 1000})
 
 
 def child_ray_study(a: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +498,7 @@ def child_ray_study(a: dict[str, Any]) -> dict[str, Any]:
     from sedd_ray.study import StudySpec, run_study
 
     storage = tempfile.mkdtemp(prefix="sedd-bench-study-")
+    _local_ray_for_study()
     spec = StudySpec(name="bench-1trial", base="tiny", num_trials=1,
                      fixed={**_overhead_params(a["steps"]), "device": "cpu", "progress": False})
     try:
@@ -456,7 +510,9 @@ def child_ray_study(a: dict[str, Any]) -> dict[str, Any]:
     paths = glob.glob(f"{storage}/bench-1trial/train/*/trainer/metrics.jsonl")
     if len(paths) != 1:
         raise RuntimeError(f"expected one trial's metrics.jsonl, found {paths}")
-    return {"runner": "study_1trial", "wall_s": wall, **_steady(paths[0], a["steps"])}
+    steady = _steady(paths[0], a["steps"])
+    shutil.rmtree(storage, ignore_errors=True)
+    return {"runner": "study_1trial", "wall_s": wall, **steady}
 
 
 def child_study(a: dict[str, Any]) -> dict[str, Any]:
@@ -466,6 +522,7 @@ def child_study(a: dict[str, Any]) -> dict[str, Any]:
     from sedd_ray.study import StudySpec, graph_ablation, run_study
 
     storage = tempfile.mkdtemp(prefix="sedd-bench-tput-")
+    _local_ray_for_study()
     spec: StudySpec = graph_ablation(
         base="tiny", trials_per_level=a["trials_per_level"], seeds=[0, 1],
         max_concurrent=a["concurrent"], name=f"bench-c{a['concurrent']}",
@@ -480,6 +537,7 @@ def child_study(a: dict[str, Any]) -> dict[str, Any]:
 
     trials = read_trials(storage, spec.name)
     finished = int((trials["status"] == "terminated").sum())
+    shutil.rmtree(storage, ignore_errors=True)
     n = spec.total_trials
     return {"concurrent": a["concurrent"], "trials": n, "finished": finished,
             "steps": a["steps"], "wall_s": wall, "trials_per_hour": 3600 * n / wall}
@@ -611,17 +669,22 @@ def plan_cpu(run: Runner, quick: bool, only: set[str], R: dict[str, Any], save) 
         R["train"] = []
         for p in presets:
             R["train"].append(run("train", {"preset": p, "warmup": w, "measure": m,
-                                            "threads": th, "compare": True}))
-        R["train"].append(run("train", {
-            "preset": "tiny", "label": "tiny, GPT-2 vocab", "warmup": w, "measure": m,
-            "threads": th, "compare": True, "random_data": True,
-            "params": {"tokenizer": "gpt2", "batch_size": 8}}))
-        R["train"].append(run("train", {"preset": "tiny", "warmup": w, "measure": m, "threads": 2}))
+                                            "threads": th, "compare": "code"}))
+        if not quick:
+            R["train"].append(run("train", {
+                "preset": "tiny", "label": "tiny, GPT-2 vocab", "warmup": 3, "measure": 12,
+                "threads": th, "compare": "code", "random_data": True,
+                "params": {"tokenizer": "gpt2", "batch_size": 8}}))
+        save()
+        for p in ("tiny",) if quick else ("tiny", "cpu"):
+            R["train"].append(run("train", {"preset": p, "warmup": w, "measure": m,
+                                            "threads": th, "compare": "threads"}))
         save()
         if not quick:
             for p in ("tiny", "cpu"):
-                R["train"].append(run("train", {"preset": p, "warmup": 3, "measure": 16,
-                                                "threads": th, "compile": "on"}, timeout=600))
+                R["train"].append(run("train", {"preset": p, "warmup": 3, "measure": m,
+                                                "threads": th, "compare": "compile"},
+                                      timeout=600))
                 save()
     if "loss" in only:
         print("loss: score entropy alone at the GPT-2 vocabulary", flush=True)
@@ -633,37 +696,38 @@ def plan_cpu(run: Runner, quick: bool, only: set[str], R: dict[str, Any], save) 
     if "sample" in only:
         print("sample: tokens/s per predictor and steps", flush=True)
         common = {"model": "mini", "vocab": 1024, "batch": 8, "length": 128, "threads": th,
-                  "predictors": ["analytic", "euler"], "repeats": 1 if quick else 2,
-                  "compare": True}
-        R["sample"] = [run("sample", {**common, "graph": "absorb",
-                                      "steps": [32] if quick else [32, 128]})]
+                  "predictors": ["analytic"] if quick else ["analytic", "euler"],
+                  "repeats": 1 if quick else 2, "compare": True}
+        R["sample"] = [run("sample", {**common, "graph": "absorb", "steps": {
+            "analytic": [32] if quick else [32, 128], "euler": [32]}})]
         if not quick:
             R["sample"].append(run("sample", {**common, "graph": "uniform", "steps": [32]}))
         save()
     if "radd" in only:
         print("radd: cached vs plain sampler, time-independent absorbing model", flush=True)
-        configs = ([[1, 1, "batch"], [8, 1, "rows"]] if quick else
-                   [[1, 1, "batch"], [1, 2, "batch"], [1, 4, "batch"],
-                    [8, 1, "rows"], [8, 2, "rows"]])
+        configs = ([[1, 1, "batch"]] if quick else
+                   [[1, 1, "batch"], [1, 4, "batch"], [8, 1, "rows"], [8, 2, "rows"]])
         R["radd"] = run("radd", {"model": "mini", "vocab": 1024, "length": 128,
                                  "configs": configs, "repeats": 1 if quick else 2,
                                  "threads": th})
         save()
     if "ray" in only:
         print("ray: plain trainer vs Ray Train (1 worker) vs a 1-trial study", flush=True)
-        steps = 60 if quick else 200
+        steps = 60 if quick else 300
         one = {"OMP_NUM_THREADS": "1"}
+        # the plain run before and after the Ray runs: its spread shows the load's drift
         R["ray"] = [run("plain_run", {"steps": steps, "threads": 1}, env=one),
                     run("ray_train", {"steps": steps}, env=one)]
         if not quick:
             R["ray"].append(run("ray_study", {"steps": steps}, env=one))
+            R["ray"].append(run("plain_run", {"steps": steps, "threads": 1}, env=one))
         save()
-    if "study" in only:
+    if "study" in only and not quick:
         print("study: trials/hour, tiny preset, graph ablation", flush=True)
-        steps = 40 if quick else 100
+        steps = 100
         R["study"] = []
-        for c in (2,) if quick else (1, 2):
-            R["study"].append(run("study", {"concurrent": c, "trials_per_level": 1 if quick else 2,
+        for c, per_level in ((1, 1), (2, 2)):
+            R["study"].append(run("study", {"concurrent": c, "trials_per_level": per_level,
                                             "steps": steps}, env={"OMP_NUM_THREADS": "1"},
                                   timeout=900))
             save()
@@ -683,7 +747,8 @@ def plan_gpu(run: Runner, quick: bool, only: set[str], R: dict[str, Any], save,
         R["train"].append(run("train", {
             **dev, "preset": preset_name, "warmup": 3 if comp == "off" else 4,
             "measure": 8 if quick else 12, "rounds": 2, "compile": comp,
-            "compare": comp == "off", "precision": "bf16", "random_data": True,
+            "compare": "code" if comp == "off" else "compile", "precision": "bf16",
+            "random_data": True,
             "params": params}, timeout=200))
         save()
 
@@ -781,6 +846,103 @@ def environment(cmd: str) -> dict[str, Any]:
     return env
 
 
+def _rows(R: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    return [x for r in R.get(key) or [] if "error" not in r for x in r["rows"]]
+
+
+def _pair(rows: list[dict[str, Any]], field: str, a: Any, b: Any, **match: Any) -> float | None:
+    """step_s of the row with field=b over the row with field=a (same preset etc.)."""
+    sel = [x for x in rows if all(x.get(k) == v for k, v in match.items())]
+    xa = [x for x in sel if x.get(field) == a]
+    xb = [x for x in sel if x.get(field) == b]
+    return xb[0]["step_s"] / xa[0]["step_s"] if xa and xb else None
+
+
+def headline(R: dict[str, Any], gpu: bool) -> list[str]:
+    """The summary: acceptance figures and the keep/drop evidence of each speed change,
+    computed from this run's numbers."""
+    L = ["## Summary", ""]
+    train = _rows(R, "train")
+    for preset_name in dict.fromkeys(x["preset"] for x in train):
+        r = _pair(train, "unfused", False, True, preset=preset_name, compile="off")
+        if r:
+            after = [x for x in train if x["preset"] == preset_name and not x["unfused"]
+                     and x["compile"] == "off"][0]
+            L.append(f"- training, {preset_name}: **{r:.2f}x** faster than before the speed "
+                     f"work ({_f(after['tokens_per_s'], 0)} tokens/s, {after['threads']} thread(s)).")
+    for x in [r for r in R.get("loss") or [] if "error" not in r]:
+        a = [y for y in x["rows"] if not y["unfused"]]
+        b = [y for y in x["rows"] if y["unfused"]]
+        if a and b:
+            a, b = a[0], b[0]
+            L.append(f"- fused score entropy ({a['graph']}, {tuple(a['shape'])}): forward + "
+                     f"backward **{b['time_s'] / a['time_s']:.1f}x** faster, extra peak memory "
+                     f"{_f(a['extra_peak_mb'], 0)} MiB (= one (B, L, dim) float32 tensor, "
+                     f"{_f(a['tensor_mb'], 0)} MiB) instead of {_f(b['extra_peak_mb'], 0)} MiB.")
+    for preset_name in dict.fromkeys(x["preset"] for x in train if x["compile"] == "on"):
+        r = _pair(train, "compile", "off", "on", preset=preset_name)
+        if r:
+            L.append(f"- torch.compile, {preset_name}: compiled step / eager step = {r:.2f} "
+                     f"({'compile wins' if r < 0.9 else 'no clear win' if r < 1.0 else 'compile loses'}).")
+    for preset_name in dict.fromkeys(x["preset"] for x in train if x["threads"] == 2):
+        r = _pair(train, "threads", 1, 2, preset=preset_name)
+        if r:
+            L.append(f"- threads, {preset_name}: a step with 2 torch threads takes {r:.2f}x the "
+                     "time of 1 thread on this (shared) machine.")
+    sample_rows = [(r["graph"], y) for r in R.get("sample") or [] if "error" not in r
+                   for y in r["rows"]]
+    ups = []
+    for graph, y in sample_rows:
+        if not y["unfused"]:
+            b = [z for g2, z in sample_rows if g2 == graph and z["unfused"]
+                 and z["predictor"] == y["predictor"] and z["steps"] == y["steps"]]
+            if b:
+                ups.append(f"{graph}/{y['predictor']}/{y['steps']}: {b[0]['time_s'] / y['time_s']:.2f}x")
+    if ups:
+        L.append("- sampling, after vs before: " + ", ".join(ups) + ".")
+    radd = R.get("radd")
+    if radd and "error" not in radd:
+        at_l = [y for y in radd["rows"] if y["steps"] == y["length"]]
+        more = [y for y in radd["rows"] if y["steps"] > y["length"]]
+        same = all(y["identical"] for y in radd["rows"])
+        if at_l:
+            text = ("- cached RADD sampler at steps = length: " + ", ".join(
+                f"**{y['speedup']:.2f}x** (batch {y['batch']}, {y['cache']} cache)" for y in at_l)
+                + f"; the expected bound is {at_l[0]['nfe_bound']:.2f}x (target 2x: "
+                + ("met" if min(y["speedup"] for y in at_l) >= 2 else "NOT met") + ")")
+            if more:
+                text += "; at more steps: " + ", ".join(
+                    f"**{y['speedup']:.2f}x** at steps = {y['steps'] // y['length']} x length "
+                    f"(batch {y['batch']})" for y in more)
+            L.append(text + (". Samples identical to the plain sampler's in every case." if same
+                             else ". Samples NOT identical in every case (see the table)."))
+    ray_rows = [x for x in R.get("ray") or [] if "error" not in x]
+    plains = [x for x in ray_rows if x["task"] == "plain_run"]
+    if plains:
+        base = statistics.mean(x["steady_step_s"] for x in plains)
+        base_p10 = statistics.mean(x["steady_step_p10_s"] for x in plains)
+        for x in ray_rows:
+            if x["task"] != "plain_run":
+                r = x["steady_step_s"] / base
+                L.append(f"- steady-state step time, {x['runner']} / plain: **{r:.3f}** median, "
+                         f"{x['steady_step_p10_s'] / base_p10:.3f} fastest decile"
+                         + (" (target <= 1.10: met)" if x["runner"] == "ray_train" and r <= 1.10
+                            else " (target <= 1.10: NOT met)" if x["runner"] == "ray_train"
+                            else "") + f"; wall {x['wall_s']:.0f} s vs plain "
+                         f"{statistics.mean(p['wall_s'] for p in plains):.0f} s.")
+    for x in [x for x in R.get("study") or [] if "error" not in x]:
+        L.append(f"- study, {x['concurrent']} concurrent: **{x['trials_per_hour']:.0f} trials/hour** "
+                 f"({x['trials']} trials of {x['steps']} steps); peak memory of the whole Ray "
+                 f"tree {x['tree_peak_pss_mb'] / 1024:.1f} GB PSS, {x['tree_peak_rss_mb'] / 1024:.1f} GB "
+                 "summed RSS (counts shared pages once per process).")
+    if not gpu:
+        L.append("- GPU figures (bf16 training with MFU for small/medium, compile on/off, "
+                 "sampling): **pending** - no GPU was lent to this run; `bash benchmarks/gpu.sh` "
+                 "measures them in under 8 minutes and writes `RESULTS_GPU.md`.")
+    L.append("")
+    return L
+
+
 def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
     L: list[str] = []
     title = "GPU benchmark results" if gpu else "Benchmark results"
@@ -794,7 +956,7 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
           "| load average (1/5/15 min) | start " + " / ".join(f"{x:.1f}" for x in env["load_start"])
           + ", end " + " / ".join(f"{x:.1f}" for x in env["load_end"]) + " |",
           "", "Every figure is the median of repeats after warm-up. Each measurement ran in its "
-          "own process; *peak RSS* is that process's `ru_maxrss`, *tree* memory the summed "
+          "own process; *peak RSS* is that process's VmHWM, *tree* memory the summed "
           "RSS/PSS of the process and all its descendants (Ray's processes included), sampled "
           "once a second. *before* = the code before the speed work "
           "(`benchmarks/reference.py`: unfused score entropy, model post-processing, "
@@ -804,12 +966,13 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
               f"on {env['cores']} cores): absolute figures are noisy and pessimistic; ratios "
               "measured back to back are more reliable than absolute throughput.", ""]
 
+    L += headline(R, gpu)
     if R.get("train"):
         L += ["## Training throughput" + (" (bf16)" if gpu else " (CPU, float32)"), "",
               "The trainer's optimizer step (`Trainer._train_step`: loss, backward, clip, AdamW, "
               "EMA) timed step by step; tokens/s = batch x seq_len / median step time. "
-              "*before*/*after* rows of a preset come from one process, alternating in rounds "
-              "(same load). *process peak RSS* = the process's VmHWM (model, data, torch); "
+              "Pairs of rows (before/after, 1/2 threads, compile on/off) come from one process, "
+              "alternating in rounds (same load). *process peak RSS* = the process's VmHWM (model, data, torch); "
               "*step extra peak* = the most one round of steps raised the RSS above its level "
               "before the round (the steps' transient memory).", ""]
         hdr = ("| preset | model | batch x len | vocab | threads | compile | code | step (ms) "
@@ -839,7 +1002,9 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
         comp = [x for r in R["train"] if "error" not in r for x in r["rows"]
                 if x["compile"] == "on"]
         if comp:
-            L += ["", "torch.compile rows: the warm-up (3-4 steps) includes compilation: " +
+            L += ["", "torch.compile rows alternate with the eager model in one process; the "
+                  "compiled warm-up (the first steps, compilation included; inductor's on-disk "
+                  "cache may be warm) took " +
                   ", ".join(f"{x['preset']} {x['warmup_s']:.0f} s" for x in comp) + "."]
         L.append("")
 
@@ -904,35 +1069,41 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
             L.append("")
 
     if R.get("ray"):
-        rows = {x.get("runner", x["task"]): x for x in R["ray"]}
-        plain = rows.get("plain")
+        plains = [x for x in R["ray"] if x["task"] == "plain_run" and "error" not in x]
+        base_step = statistics.mean(x["steady_step_s"] for x in plains) if plains else None
+        base_wall = statistics.mean(x["wall_s"] for x in plains) if plains else None
         L += ["## Ray overhead (tiny preset, 1 CPU worker)", "",
-              "The same run three ways: the plain trainer in one process, Ray Train with one "
-              "worker (`launch`, including `ray.init`), and a 1-trial study (`run_study`: Tune "
-              "driver + Train run). All with 1 thread (OMP_NUM_THREADS=1, what Ray gives a "
-              "1-CPU worker). *steady* = the median of the trainer's own per-window "
-              "`step_time_s` in `metrics.jsonl` (first window left out); *start-up + teardown* = "
-              "wall - steps x steady step (includes the final evaluation, checkpoint and "
-              "samples, identical in all three).", "",
-              "| runner | steps | wall (s) | steady step (ms) | steady tokens/s | start-up + teardown (s) "
-              "| steady ratio vs plain | wall ratio | tree peak RSS / PSS (MiB) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-        for name in ("plain", "ray_train", "study_1trial"):
-            x = rows.get(name)
-            if x is None:
-                continue
+              "The same run three ways: the plain trainer in one process (run before and after "
+              "the Ray runs: their spread is the machine's drift), Ray Train with one worker "
+              "(`launch`, including `ray.init`), and a 1-trial study (`run_study`: Tune driver "
+              "+ Train run). All with 1 thread (OMP_NUM_THREADS=1, what Ray gives a 1-CPU "
+              "worker). *steady* = the median of the trainer's own per-window `step_time_s` in "
+              "`metrics.jsonl` (first window left out); *start-up + teardown* = wall - steps x "
+              "steady step (includes the final evaluation, checkpoint and samples, identical "
+              "in all). Ratios are against the mean of the two plain runs. The *fastest-decile* "
+              "step (10th percentile of the windows) is less sensitive to other users' load "
+              "on a shared machine than the median.", "",
+              "| runner | steps | wall (s) | steady step (ms) | fastest-decile step (ms) "
+              "| steady tokens/s | start-up + teardown (s) | steady ratio vs plain "
+              "| fastest-decile ratio | wall ratio | tree peak RSS / PSS (MiB) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        base_p10 = (statistics.mean(x["steady_step_p10_s"] for x in plains) if plains else None)
+        for x in R["ray"]:
+            name = x.get("runner", x["task"])
             if "error" in x:
                 L.append(f"| {name} | | {_err(x)} | | | | | | |")
                 continue
             steps = x["args"]["steps"]
             fixed = x["wall_s"] - x["steady_total_s"]
-            ratio = wall_ratio = "-"
-            if plain and "error" not in plain:
-                ratio = f"**{x['steady_step_s'] / plain['steady_step_s']:.3f}**"
-                wall_ratio = f"{x['wall_s'] / plain['wall_s']:.2f}"
+            ratio = ratio_p10 = wall_ratio = "-"
+            if base_step:
+                ratio = f"**{x['steady_step_s'] / base_step:.3f}**"
+                ratio_p10 = f"{x['steady_step_p10_s'] / base_p10:.3f}"
+                wall_ratio = f"{x['wall_s'] / base_wall:.2f}"
             extra = f" (ray.init {x['ray_init_s']:.1f} s)" if "ray_init_s" in x else ""
             L.append(f"| {name} | {steps} | {_f(x['wall_s'])} | {_f(x['steady_step_s'] * 1e3)} | "
-                     f"{_f(x['steady_tokens_per_s'], 0)} | {_f(fixed)}{extra} | {ratio} | {wall_ratio} "
+                     f"{_f(x['steady_step_p10_s'] * 1e3)} | {_f(x['steady_tokens_per_s'], 0)} | "
+                     f"{_f(fixed)}{extra} | {ratio} | {ratio_p10} | {wall_ratio} "
                      f"| {_f(x['tree_peak_rss_mb'], 0)} / {_f(x['tree_peak_pss_mb'], 0)} |")
         L.append("")
 

@@ -67,6 +67,8 @@ def run_and_report(specs: list, args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
 
+    from sedd_ray.checkpoint import StorageError
+    from sedd_ray.data import DataError
     from sedd_ray.study import run_study
 
     t0 = time.perf_counter()
@@ -74,7 +76,7 @@ def run_and_report(specs: list, args: argparse.Namespace) -> int:
     try:
         for spec in specs:
             dirs.append(run_study(spec, args.storage, resume=args.resume, address=args.address))
-    except ConfigError as e:
+    except (ConfigError, DataError, StorageError) as e:  # bad input: one line, nothing run
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

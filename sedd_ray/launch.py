@@ -155,6 +155,7 @@ def launch(
         ),
     )
     print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)
+    _pin_ray_address()
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -165,6 +166,26 @@ def launch(
     print(f"Ray Train run {name!r} finished: final checkpoint {metrics['checkpoint_dir']}",
           flush=True)
     return metrics
+
+
+def _pin_ray_address() -> None:
+    """Make Ray Train's helpers talk to *this* cluster.
+
+    Ray Train's PlacementGroupCleaner (which frees an early-stopped trial's placement
+    group) finds its cluster by auto-detection, which fails when another Ray instance runs
+    on the same machine; the placement group then leaks and later trials wait forever for
+    its CPUs. Pin ``RAY_ADDRESS`` to the connected cluster and have Ray Train propagate it
+    to its controller, from which the cleaner inherits it.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        from ray.train.v2._internal import constants
+
+        constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+    except (ImportError, AttributeError):  # a Ray version without this internal: no-op
+        pass
 
 
 def _worker_error(e: Exception) -> str:

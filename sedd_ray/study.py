@@ -22,6 +22,7 @@ trials resumed; a Train run resumes from its own latest checkpoint).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -363,8 +364,24 @@ def _results_callback(spec: StudySpec, storage: str):
             if (row.get("step") or 0) < planned:
                 row["status"] = "stopped_early"
             row["end_time"] = _utc(time.time())
+            self._backfill_history(trial.trial_id)
             self._w().upsert_trial(row)
             self._w().flush()
+
+        def _backfill_history(self, trial_id: str) -> None:
+            """Steps a killed driver never recorded (between the checkpoint a resumed
+            trial restarted from and the crash) are in the trial's own metrics.jsonl; the
+            writer keeps one row per (trial, step), so re-adding every step is safe."""
+            path = Path(storage, spec.name, "train", trial_id, "trainer", "metrics.jsonl")
+            if "://" in storage or not path.is_file():
+                return
+            rows = []
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(_history_row(spec.name, trial_id, json.loads(line)))
+                except ValueError:  # a line cut short by a crash
+                    continue
+            self._w().append_history(trial_id, rows)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             row = self._row(trial, "error", error=_trial_error(trial))
