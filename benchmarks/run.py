@@ -850,26 +850,20 @@ def _rows(R: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return [x for r in R.get(key) or [] if "error" not in r for x in r["rows"]]
 
 
-def _pair(rows: list[dict[str, Any]], field: str, a: Any, b: Any, **match: Any) -> float | None:
-    """step_s of the row with field=b over the row with field=a (same preset etc.)."""
-    sel = [x for x in rows if all(x.get(k) == v for k, v in match.items())]
-    xa = [x for x in sel if x.get(field) == a]
-    xb = [x for x in sel if x.get(field) == b]
-    return xb[0]["step_s"] / xa[0]["step_s"] if xa and xb else None
+def _pairs(R: dict[str, Any], compare: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(first, second) rows of each training measurement that compared two variants."""
+    return [(r["rows"][0], r["rows"][1]) for r in R.get("train") or []
+            if "error" not in r and r["args"].get("compare") == compare and len(r["rows"]) == 2]
 
 
 def headline(R: dict[str, Any], gpu: bool) -> list[str]:
     """The summary: acceptance figures and the keep/drop evidence of each speed change,
     computed from this run's numbers."""
     L = ["## Summary", ""]
-    train = _rows(R, "train")
-    for preset_name in dict.fromkeys(x["preset"] for x in train):
-        r = _pair(train, "unfused", False, True, preset=preset_name, compile="off")
-        if r:
-            after = [x for x in train if x["preset"] == preset_name and not x["unfused"]
-                     and x["compile"] == "off"][0]
-            L.append(f"- training, {preset_name}: **{r:.2f}x** faster than before the speed "
-                     f"work ({_f(after['tokens_per_s'], 0)} tokens/s, {after['threads']} thread(s)).")
+    for after, before in _pairs(R, "code"):
+        L.append(f"- training, {after['preset']}: **{before['step_s'] / after['step_s']:.2f}x** "
+                 f"faster than before the speed work ({_f(after['tokens_per_s'], 0)} tokens/s, "
+                 f"{after['threads']} thread(s)).")
     for x in [r for r in R.get("loss") or [] if "error" not in r]:
         a = [y for y in x["rows"] if not y["unfused"]]
         b = [y for y in x["rows"] if y["unfused"]]
@@ -879,16 +873,13 @@ def headline(R: dict[str, Any], gpu: bool) -> list[str]:
                      f"backward **{b['time_s'] / a['time_s']:.1f}x** faster, extra peak memory "
                      f"{_f(a['extra_peak_mb'], 0)} MiB (= one (B, L, dim) float32 tensor, "
                      f"{_f(a['tensor_mb'], 0)} MiB) instead of {_f(b['extra_peak_mb'], 0)} MiB.")
-    for preset_name in dict.fromkeys(x["preset"] for x in train if x["compile"] == "on"):
-        r = _pair(train, "compile", "off", "on", preset=preset_name)
-        if r:
-            L.append(f"- torch.compile, {preset_name}: compiled step / eager step = {r:.2f} "
-                     f"({'compile wins' if r < 0.9 else 'no clear win' if r < 1.0 else 'compile loses'}).")
-    for preset_name in dict.fromkeys(x["preset"] for x in train if x["threads"] == 2):
-        r = _pair(train, "threads", 1, 2, preset=preset_name)
-        if r:
-            L.append(f"- threads, {preset_name}: a step with 2 torch threads takes {r:.2f}x the "
-                     "time of 1 thread on this (shared) machine.")
+    for on, off in _pairs(R, "compile"):
+        r = on["step_s"] / off["step_s"]
+        L.append(f"- torch.compile, {on['preset']}: compiled step / eager step = {r:.2f} "
+                 f"({'compile wins' if r < 0.9 else 'no clear difference' if r <= 1.05 else 'compile loses'}).")
+    for one, two in _pairs(R, "threads"):
+        L.append(f"- threads, {one['preset']}: a step with 2 torch threads takes "
+                 f"{two['step_s'] / one['step_s']:.2f}x the time of 1 thread.")
     sample_rows = [(r["graph"], y) for r in R.get("sample") or [] if "error" not in r
                    for y in r["rows"]]
     ups = []
@@ -1147,7 +1138,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="markdown output (default benchmarks/RESULTS.md; "
                    "RESULTS_quick.md with --quick, RESULTS_GPU.md with --gpu)")
     p.add_argument("--timeout", type=float, default=400, help="seconds per measurement")
+    p.add_argument("--render", default=None, metavar="RESULTS.json",
+                   help="only rewrite the markdown from a saved JSON (no measurement)")
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        gpu = "--gpu" in saved["env"]["command"].split()
+        dest = Path(args.out) if args.out else Path(args.render).with_suffix(".md")
+        dest.write_text(render(saved["env"], saved["results"], gpu) + "\n")
+        print(f"wrote {dest} from {args.render}")
+        return 0
     cmd = "python benchmarks/run.py" + (" " + " ".join(shlex.quote(a) for a in argv) if argv else "")
     sections = GPU_SECTIONS if args.gpu else SECTIONS
     only = set(args.only.split(",")) if args.only else set(sections)
