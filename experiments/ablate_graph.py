@@ -28,17 +28,9 @@ DEFAULTS = Defaults(preset="tiny", steps=1000, trials_per_level=2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sedd_ray.config import ConfigError
-    from sedd_ray.study import spec_from_args
-
     args = apply_defaults(make_parser("python experiments/ablate_graph.py", __doc__, DEFAULTS)
                           .parse_args(argv), DEFAULTS)
-    try:
-        spec = spec_from_args("graph-ablation", args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_and_report([spec], args)
+    return run_and_report([("graph-ablation", {})], args)
 
 
 if __name__ == "__main__":

@@ -25,24 +25,15 @@ GRAPHS = ("absorb", "uniform")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sedd_ray.config import ConfigError
-    from sedd_ray.study import spec_from_args
-
     p = make_parser("python experiments/ablate_noise.py", __doc__, DEFAULTS)
     p.add_argument("--graph", choices=GRAPHS, default=None, help="one graph (default: both)")
     args = apply_defaults(p.parse_args(argv), DEFAULTS)
     graphs = [args.graph] if args.graph else list(GRAPHS)
-    name = args.name
-    specs = []
-    try:
-        for graph in graphs:
-            # One study per graph: --name X becomes X-<graph> when there are several.
-            args.name = f"{name}-{graph}" if name and len(graphs) > 1 else name
-            specs.append(spec_from_args("noise-ablation", args, graph=graph))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_and_report(specs, args)
+    # One study per graph: --name X becomes X-<graph> when there are several.
+    rename = bool(args.name) and len(graphs) > 1
+    return run_and_report([("noise-ablation", {"graph": g, **({"name": f"{args.name}-{g}"}
+                                                               if rename else {})})
+                           for g in graphs], args)
 
 
 if __name__ == "__main__":

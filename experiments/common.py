@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,12 +56,14 @@ def apply_defaults(args: argparse.Namespace, defaults: Defaults) -> argparse.Nam
     """Fill in the script's preset and steps unless given (or ``--smoke-test``)."""
     if not args.smoke_test:
         args.preset = args.preset or defaults.preset
-        args.steps = args.steps or defaults.steps
+        args.steps = defaults.steps if args.steps is None else args.steps  # 0 is an error
     return args
 
 
-def run_and_report(specs: list, args: argparse.Namespace) -> int:
-    """Run each study (``--resume`` restores), shut Ray down, write and print the reports.
+def run_and_report(studies: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> int:
+    """Build every study first (``(name in sedd_ray.study.STUDIES, its keyword arguments)``,
+    from the script's flags), then run each (``--resume`` restores), shut Ray down, write
+    and print the reports.
 
     Returns 0 when every study has a finished trial, 1 when one has none, 2 on a bad
     configuration (nothing run)."""
@@ -69,8 +72,13 @@ def run_and_report(specs: list, args: argparse.Namespace) -> int:
 
     from sedd_ray.checkpoint import StorageError
     from sedd_ray.data import DataError
-    from sedd_ray.study import run_study
+    from sedd_ray.study import run_study, spec_from_args
 
+    try:  # every spec validated before the first study starts
+        specs = [spec_from_args(study, args, **kw) for study, kw in studies]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     dirs: list[str] = []
     try:

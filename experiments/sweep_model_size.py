@@ -27,8 +27,7 @@ SIZES = "tiny,mini,base"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sedd_ray.config import MODEL_SIZES, ConfigError
-    from sedd_ray.study import spec_from_args
+    from sedd_ray.config import MODEL_SIZES
 
     p = make_parser("python experiments/sweep_model_size.py", __doc__, DEFAULTS)
     p.add_argument("--sizes", default=SIZES,
@@ -40,12 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown model size {unknown[0]!r}; valid sizes: {', '.join(MODEL_SIZES)}",
               file=sys.stderr)
         return 2
-    try:
-        spec = spec_from_args("model-size", args, sizes=sizes)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_and_report([spec], args)
+    return run_and_report([("model-size", {"sizes": sizes})], args)
 
 
 if __name__ == "__main__":

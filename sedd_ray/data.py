@@ -123,7 +123,7 @@ class Source:
     synthetic: tuple[synthetic.Synthetic, dict[str, int]] | None = None
 
 
-CORPORA: Registry[Callable[[str | None], Source]] = Registry("corpus")
+CORPORA: Registry[Callable[[str | None], Source]] = Registry("corpus", "corpora")
 
 
 def _name(p: Path, root: Path) -> str:

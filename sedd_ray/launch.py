@@ -16,10 +16,12 @@ Storage may be a local path or any URI ``pyarrow.fs`` understands (``s3://``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +129,7 @@ def launch(
         import shutil
 
         shutil.rmtree(run_dir)
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        ray.init(address=address, log_to_driver=True)
+    connect(address)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
@@ -155,9 +155,9 @@ def launch(
         ),
     )
     print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)
-    _pin_ray_address()
     try:
-        result = trainer.fit()
+        with _pinned_ray_address():
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise LaunchError(f"run {name!r} failed: {_worker_error(e)} (run folder {run_dir})") from e
     metrics = dict(result.metrics or {})
@@ -168,17 +168,41 @@ def launch(
     return metrics
 
 
-def _pin_ray_address() -> None:
-    """Make Ray Train's helpers talk to *this* cluster.
+def connect(address: str | None = None, resources: dict[str, float] | None = None) -> None:
+    """Connect this process to Ray once: to ``address`` (``"auto"``, ``host:port`` or
+    ``ray://...``) when given, else to ``$RAY_ADDRESS`` when set, else to a new local
+    cluster. ``resources`` (custom resources) apply only to a new local cluster.
+
+    Ray's own default for no address also joins whatever cluster ``ray start`` last left
+    on the machine (``/tmp/ray/ray_current_cluster``), possibly a stale one; here joining
+    an existing cluster is always explicit (``--address auto``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        ray.init(address="local", resources=resources, log_to_driver=True)
+    else:
+        ray.init(address=address, log_to_driver=True)
+
+
+@contextlib.contextmanager
+def _pinned_ray_address() -> Iterator[None]:
+    """Make Ray Train's helpers talk to *this* cluster while a run is fitted.
 
     Ray Train's PlacementGroupCleaner (which frees an early-stopped trial's placement
     group) finds its cluster by auto-detection, which fails when another Ray instance runs
     on the same machine; the placement group then leaks and later trials wait forever for
     its CPUs. Pin ``RAY_ADDRESS`` to the connected cluster and have Ray Train propagate it
-    to its controller, from which the cleaner inherits it.
+    to its controller, from which the cleaner inherits it. The previous value comes back
+    afterwards, so a later ``ray.init`` in this process is not sent to a cluster that is gone.
     """
     import ray
 
+    before = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     try:
         from ray.train.v2._internal import constants
@@ -186,6 +210,13 @@ def _pin_ray_address() -> None:
         constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
     except (ImportError, AttributeError):  # a Ray version without this internal: no-op
         pass
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
 
 
 def _worker_error(e: Exception) -> str:

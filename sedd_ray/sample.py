@@ -47,7 +47,7 @@ class LoadedModel:
                  predictor: str = "analytic", seed: int = 0, prefix: str = "", suffix: str = "",
                  progress: bool = False) -> list[str]:
         """``num_samples`` texts of ``length`` tokens; ``prefix``/``suffix`` are pinned."""
-        from sedd_ray.diffusion import conditioning_from_prefix_suffix, sample
+        from sedd_ray.diffusion import conditioning_from_prefix_suffix, model_score_fn, sample
 
         if length < 1:
             raise ValueError(f"--length must be >= 1, got {length}")
@@ -65,11 +65,11 @@ class LoadedModel:
         if pre or suf:
             fixed_mask, fixed_tokens = conditioning_from_prefix_suffix(pre, suf, length, num_samples)
         g = torch.Generator(device=device).manual_seed(seed)
-
-        def score_fn(x: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
-            return self.model(x, sigma_bar).float().exp()  # (B, L, dim) scores
-
-        x = sample(score_fn, self.graph, self.noise, batch=num_samples, length=length, steps=steps,
+        # exp(model(x, sigma_bar)), (B, L, dim); a time-independent (RADD) absorbing model
+        # skips the network call when no token changed since the last one (same samples).
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else None)
+        x = sample(model_score_fn(self.model, autocast=autocast), self.graph, self.noise, batch=num_samples, length=length, steps=steps,
                    predictor=predictor, denoise=True, eps=self.cfg.diffusion.sampling_eps,
                    generator=g, device=device, fixed_mask=fixed_mask, fixed_tokens=fixed_tokens,
                    progress=progress)

@@ -160,7 +160,7 @@ class StudySpec:
         return apply_params(preset(self.base), merged).validate()
 
 
-STUDIES: Registry[Callable[..., StudySpec]] = Registry("study")
+STUDIES: Registry[Callable[..., StudySpec]] = Registry("study", "studies")
 
 
 # --- Optuna define-by-run ------------------------------------------------------------------
@@ -506,10 +506,10 @@ def max_concurrent_trials(spec: StudySpec) -> int:
 def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: str | None = None,
               verbose: int = 1) -> str:
     """Run (or, with ``resume``, restore and finish) a study; returns the study directory."""
-    import ray
     from ray import tune
 
     from sedd_ray.checkpoint import ensure_writable_dir, precheck_writable_dir
+    from sedd_ray.launch import connect
 
     spec.validate()
     local = "://" not in storage
@@ -520,10 +520,8 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
         ensure_writable_dir(storage, "--storage")
     study_dir = f"{storage.rstrip('/')}/{spec.name}"
     tune_dir = f"{study_dir}/tune"
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        # A local cluster gets the driver resource too (cluster.yaml declares it on the head).
-        ray.init(address=address, resources=None if address else {DRIVER_RESOURCE: 1000})
+    # A new local cluster gets the driver resource too (cluster.yaml declares it on the head).
+    connect(address, resources={DRIVER_RESOURCE: 1000})
     # Train reports val_nll only at evaluation steps; ASHA and Optuna skip results without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our trimmed CLIReporter table
@@ -658,7 +656,9 @@ def add_study_flags(p: Any, default_trials: int = 2) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds, reused by every level")
     p.add_argument("--storage", default="results", help="results folder or URI (s3://...)")
     p.add_argument("--name", default=None, help="study name (default: the study's)")
-    p.add_argument("--address", default=None, help="Ray cluster address, e.g. auto")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, host:port, ray://...); default: "
+                   "$RAY_ADDRESS if set, else a new local cluster")
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per Train worker")
     p.add_argument("--cpus-per-worker", type=float, default=1)
@@ -699,7 +699,7 @@ def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
         fixed.setdefault("progress", False)  # Tune's table is the progress display
     if args.steps is not None:
         fixed["steps"] = args.steps
-    if args.name:
+    if args.name and "name" not in study_kw:
         kw["name"] = args.name
     kw["fixed"] = fixed
     return STUDIES.get(study)(**kw).validate()

@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ray_args.add_argument("--num-workers", type=int, default=1)
     ray_args.add_argument("--gpus-per-worker", type=float, default=0)
     ray_args.add_argument("--cpus-per-worker", type=float, default=1)
-    ray_args.add_argument("--address", default=None, help="Ray cluster address, e.g. auto")
+    ray_args.add_argument("--address", default=None,
+                          help="Ray cluster to join (auto, host:port, ray://...); default: "
+                          "$RAY_ADDRESS if set, else a new local cluster")
     ray_args.add_argument("--storage", default=None,
                           help="Ray storage path or URI (s3://, gs://); default ./runs")
     ray_args.add_argument("--max-failures", type=int, default=2)

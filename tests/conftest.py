@@ -7,6 +7,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every test starts its own local Ray cluster; a RAY_ADDRESS from the shell would send
+# them to someone else's.
+os.environ.pop("RAY_ADDRESS", None)
 
 import tempfile  # noqa: E402
 

@@ -162,7 +162,7 @@ def test_train_cli_refuses_bad_config(flags, match, path, tmp_path, capfd, no_co
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["bogus"], r"unknown study 'bogus'; valid studys: graph-ablation, model-size"),
+    (["bogus"], r"unknown study 'bogus'; valid studies: graph-ablation, model-size"),
     (["graph-ablation", "--preset", "huge"], r"unknown preset 'huge'; valid presets: "),
     (["graph-ablation", "--set", "lr=-1"], r"optim.lr must be > 0, got -1.0"),
     (["graph-ablation", "--set", "noise=cosine"], r"unknown noise 'cosine'; valid noises: "),
@@ -179,6 +179,29 @@ def test_train_cli_refuses_bad_config(flags, match, path, tmp_path, capfd, no_co
 def test_study_cli_refuses_bad_input(flags, match, tmp_path, capfd, no_compute):
     rc, line = run_cli(capfd, study_cli.main, [*flags, "--smoke-test", "--storage",
                                                str(tmp_path / "results")])
+    assert rc == 2 and re.search(match, line), line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script, flags, match", [
+    ("ablate_graph", ["--steps", "0"], r"train.steps must be a positive integer, got 0"),
+    ("ablate_graph", ["--set", "lr=0"], r"optim.lr must be > 0, got 0.0"),
+    ("ablate_noise", ["--steps", "0"], r"train.steps must be a positive integer, got 0"),
+    ("ablate_noise", ["--preset", "huge"], r"unknown preset 'huge'; valid presets: "),
+    ("sweep_model_size", ["--sizes", "tiny,huge"], r"unknown model size 'huge'; valid sizes: "),
+    ("sweep_model_size", ["--set", "graph=ring"], r"unknown graph 'ring'; valid graphs: "),
+])
+def test_experiment_scripts_refuse_bad_input(script, flags, match, tmp_path, capfd, no_compute):
+    """The README's study scripts: no default quietly replaces a bad value (``--steps 0``
+    is an error, not "the default steps"), and nothing runs or is written."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        module = importlib.import_module(f"experiments.{script}")
+    finally:
+        sys.path.pop(0)
+    rc, line = run_cli(capfd, module.main, [*flags, "--storage", str(tmp_path / "results")])
     assert rc == 2 and re.search(match, line), line
     assert list(tmp_path.iterdir()) == []
 

@@ -19,15 +19,6 @@ SIGMAS = [1e-5, 1e-3, 0.3, 2.0, 20.0]
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only contend on a shared 2-core box (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson chi-square p-value of ``counts`` (K,) against ``probs`` (K,).
 

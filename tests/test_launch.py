@@ -51,6 +51,9 @@ def test_two_workers_on_different_nodes_agree(cluster, tmp_path):
     assert result["step"] == 20 and result["final"] is True
     assert result["checkpoint_dir"].endswith("ckpt-00000020")
     assert Path(result["checkpoint_dir"], "state.pt").is_file()
+    # The address pinned for Ray Train's helpers is gone again: a later ray.init in this
+    # process must not be sent to this cluster once it is shut down.
+    assert "RAY_ADDRESS" not in os.environ
 
 
 def test_killed_worker_resumes_from_checkpoint_and_matches(cluster, tmp_path):

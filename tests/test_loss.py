@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toy import F64, P0, L, N, exact_log_score_model
 
 from sedd_ray.diffusion import (
     Graph,
@@ -13,35 +14,6 @@ from sedd_ray.diffusion import (
     sample_times,
     score_entropy_loss,
 )
-
-N, L = 5, 4
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only contend on a shared 2-core box (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-# each position independent with its own categorical over N tokens
-P0 = torch.tensor([
-    [0.50, 0.25, 0.15, 0.07, 0.03],
-    [0.03, 0.07, 0.15, 0.25, 0.50],
-    [0.20, 0.20, 0.20, 0.20, 0.20],
-    [0.60, 0.10, 0.10, 0.10, 0.10],
-], dtype=F64)
-
-
-def exact_log_score_model(graph: Graph, p0: torch.Tensor = P0):
-    """model(x_t, sigma_bar) -> log p_t(y) / p_t(x_t), the exact marginal log-ratio."""
-
-    def model(x: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
-        pt = graph.forward_marginal(p0, sigma_bar.to(F64)[:, None])  # (B, L, dim)
-        return (pt.log() - pt.gather(-1, x[..., None]).log()).float()
-
-    return model
 
 
 def zero_model(graph: Graph):

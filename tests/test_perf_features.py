@@ -36,15 +36,6 @@ from sedd_ray.model import ScoreModel  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: OpenMP threads only contend on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _case(name: str, n: int = 7, shape=(4, 9), seed: int = 0, scale: float = 3.0,
           dtype=torch.float32):
     graph = get_graph(name, vocab_size=n)

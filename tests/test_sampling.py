@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toy import F64, P0, L, N, exact_score_fn
 
 from sedd_ray.diffusion import (
     GRAPHS,
@@ -16,34 +17,6 @@ from sedd_ray.diffusion import (
     get_predictor,
     sample,
 )
-
-N, L = 5, 4
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only contend on a shared 2-core box (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-P0 = torch.tensor([
-    [0.50, 0.25, 0.15, 0.07, 0.03],
-    [0.03, 0.07, 0.15, 0.25, 0.50],
-    [0.20, 0.20, 0.20, 0.20, 0.20],
-    [0.60, 0.10, 0.10, 0.10, 0.10],
-], dtype=F64)
-
-
-def exact_score_fn(graph: Graph, p0: torch.Tensor = P0):
-    """score_fn(x_t, sigma_bar) -> p_t(y) / p_t(x_t) for the factorised p0 (L, N)."""
-
-    def score_fn(x: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
-        pt = graph.forward_marginal(p0, sigma_bar.to(F64)[:, None])  # (B, L, dim)
-        return (pt / pt.gather(-1, x[..., None])).float()
-
-    return score_fn
 
 
 def uniform_score_fn(graph: Graph):
@@ -205,3 +178,38 @@ def test_cuda_with_cpu_or_cuda_generator(graph_name):
         loss = score_entropy_loss(model, graph, noise, x0, antithetic=True, generator=gen)
         assert loss.is_cuda and torch.isfinite(loss).all()
         assert elbo_nll(model, graph, noise, x0, draws=2, generator=gen).is_cuda
+
+
+def test_cli_sampler_skips_unchanged_calls_and_keeps_the_samples(tiny_bundle, monkeypatch):
+    """``LoadedModel.generate`` (what ``python -m sedd_ray.sample`` runs) on a RADD model
+    (absorbing, time-independent) reuses the network output while no token changed: the
+    same text as one network call per step, with fewer calls, prefix and suffix kept."""
+    from pathlib import Path
+
+    from conftest import tiny_config
+
+    import sedd_ray.diffusion as diffusion
+    from sedd_ray.model import ScoreModel
+    from sedd_ray.sample import LoadedModel
+
+    cfg = tiny_config(graph="absorb", noise="loglinear", time_conditioning=False)
+    graph, noise = get_graph("absorb", vocab_size=tiny_bundle.vocab_size), get_noise("loglinear")
+    torch.manual_seed(0)
+    model = ScoreModel(cfg.model, graph).eval()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    m = LoadedModel(model, graph, noise, tiny_bundle.tokenizer.backend_tokenizer,
+                    tiny_bundle.vocab_size, cfg, 0, Path("."))
+    kw = dict(num_samples=2, length=24, steps=24, seed=3, prefix="ROMEO:", suffix=" end.")
+
+    cached = m.generate(**kw)
+    cached_calls = len(calls)
+    calls.clear()
+
+    def plain(model, autocast=None):  # one network call per step
+        return lambda x, sigma_bar: model(x, sigma_bar).float().exp()
+
+    monkeypatch.setattr(diffusion, "model_score_fn", plain)
+    assert m.generate(**kw) == cached
+    assert cached_calls < len(calls) == kw["steps"] + 1  # + the final denoising step
+    assert all(t.startswith("ROMEO:") and t.endswith(" end.") for t in cached)

@@ -27,7 +27,7 @@ FIXED = {"steps": 40, "log_every": 5, "eval_every": 10, "ckpt_every": 20, "vocab
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, resources={"sedd_driver": 1000})
+    ray.init(address="local", num_cpus=2, resources={"sedd_driver": 1000})
     yield
     ray.shutdown()
 
