@@ -426,20 +426,32 @@ def child_radd(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _steady(metrics_path: str | Path, steps: int) -> dict[str, Any]:
-    """Steady state from the trainer's own metrics: the median of its per-window step
-    times (the first window, which holds the warm-up, left out)."""
+    """Steady state from the trainer's own ``metrics.jsonl`` (first window, the warm-up,
+    left out):
+
+    - *loop* step: the time between consecutive log rows over the steps between them, so
+      it holds everything the training loop does (steps, logging, every report to Ray
+      Train: its barrier, and any wait for the controller to take it);
+    - *step*: the trainer's ``step_time_s``, the optimizer steps alone (no reporting).
+
+    ``train_s`` = the trainer's clock at the last step (``time_s`` of the final row).
+    """
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    windows = [r for r in rows if "step_time_s" in r]
-    use = windows[1:] if len(windows) > 2 else windows
-    ts = sorted(r["step_time_s"] for r in use)
-    step = median(ts)
-    tps = median([r["tokens_per_s"] for r in use])
-    return {"steady_step_s": step, "steady_step_p10_s": ts[len(ts) // 10],
-            "steady_tokens_per_s": tps, "windows": len(use), "steady_total_s": step * steps}
+    logs = [r for r in rows if "step_time_s" in r and not r.get("final")]
+    loop = [(b["time_s"] - a["time_s"]) / (b["step"] - a["step"])
+            for a, b in zip(logs[1:], logs[2:]) if "val_nll" not in a]
+    step = sorted(r["step_time_s"] for r in logs[1:])
+    loop.sort()
+    final = [r for r in rows if r.get("final")]
+    return {"loop_step_s": median(loop), "loop_step_p10_s": loop[len(loop) // 10],
+            "steady_step_s": median(step), "steady_step_p10_s": step[len(step) // 10],
+            "steady_tokens_per_s": median([r["tokens_per_s"] for r in logs[1:]]),
+            "windows": len(loop), "train_s": final[-1]["time_s"] if final else None}
 
 
 def _overhead_params(steps: int) -> dict[str, Any]:
-    # evaluation, checkpoint and samples once, at the end; the same for every runner
+    # evaluation, checkpoint and samples once, at the end; the same for every runner;
+    # report_every_s at its default (a log row to Ray at most once a second)
     return {"steps": steps, "log_every": 10, "eval_every": steps, "ckpt_every": 0,
             "test_draws": 0, "seed": 0}
 
@@ -453,43 +465,51 @@ def child_plain_run(a: dict[str, Any]) -> dict[str, Any]:
     cfg = _cfg("tiny", **_overhead_params(a["steps"]), device="cpu")
     out = Path(tempfile.mkdtemp(prefix="sedd-bench-plain-"))
     t0 = time.perf_counter()
-    Trainer(cfg, out, device=torch.device("cpu")).run(resume=False)
+    trainer = Trainer(cfg, out, device=torch.device("cpu"))
+    ready = time.perf_counter()
+    trainer.run(resume=False)
     wall = time.perf_counter() - t0
     steady = _steady(out / "metrics.jsonl", a["steps"])
     shutil.rmtree(out, ignore_errors=True)
-    return {"runner": "plain", "wall_s": wall, **steady, "threads": torch.get_num_threads()}
+    return {"runner": "plain", "wall_s": wall, "startup_s": ready - t0,
+            "end_s": wall - (ready - t0) - steady["train_s"], **steady,
+            "threads": torch.get_num_threads()}
 
 
 def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
+    """``launch`` with one worker on a new local cluster. Start-up = from ``launch`` to the
+    worker's trainer being ready to step (its node log's clock); ``ray.init`` apart."""
     import ray
 
-    from sedd_ray.launch import launch
+    from sedd_ray.launch import connect, launch
 
     cfg = _cfg("tiny", **_overhead_params(a["steps"]), device="cpu")
-    storage = tempfile.mkdtemp(prefix="sedd-bench-ray-")
+    storage, logs = tempfile.mkdtemp(prefix="sedd-bench-ray-"), tempfile.mkdtemp()
     try:
-        t0 = time.perf_counter()
-        # address="local": a new cluster of our own, never one that `ray start` left running
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
-        init_s = time.perf_counter() - t0
-        launch(cfg, name="bench", storage=storage, num_workers=1, max_failures=0)
-        wall = time.perf_counter() - t0
+        t0 = time.time()
+        connect(None)  # a new local cluster of our own, as launch does without an address
+        t_init = time.time()
+        launch(cfg, name="bench", storage=storage, num_workers=1, max_failures=0, node_log=logs)
+        t_fit = time.time()
     finally:
         ray.shutdown()
+    t_end = time.time()
     steady = _steady(Path(storage) / "bench" / "trainer" / "metrics.jsonl", a["steps"])
+    ready = json.loads(Path(logs, "rank0.log").read_text().splitlines()[0])["time"]
     shutil.rmtree(storage, ignore_errors=True)
-    return {"runner": "ray_train", "wall_s": wall, "ray_init_s": init_s, **steady}
+    shutil.rmtree(logs, ignore_errors=True)
+    return {"runner": "ray_train", "wall_s": t_end - t0, "ray_init_s": t_init - t0,
+            "startup_s": ready - t_init, "end_s": t_fit - ready - steady["train_s"],
+            "shutdown_s": t_end - t_fit, **steady}
 
 
 def _local_ray_for_study() -> None:
-    """What run_study's own ray.init does, but on a new local cluster (address="local"):
-    without an address, ray.init joins a cluster that `ray start` left on the machine."""
-    import ray
-
+    """What run_study's own connect does (a new local cluster with the driver resource),
+    before the clock starts."""
+    from sedd_ray.launch import connect
     from sedd_ray.study import DRIVER_RESOURCE
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    ray.init(address="local", resources={DRIVER_RESOURCE: 1000})
+    connect(None, resources={DRIVER_RESOURCE: 1000})
 
 
 def child_ray_study(a: dict[str, Any]) -> dict[str, Any]:
@@ -512,7 +532,8 @@ def child_ray_study(a: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"expected one trial's metrics.jsonl, found {paths}")
     steady = _steady(paths[0], a["steps"])
     shutil.rmtree(storage, ignore_errors=True)
-    return {"runner": "study_1trial", "wall_s": wall, **steady}
+    return {"runner": "study_1trial", "wall_s": wall, **steady,
+            "fixed_s": wall - steady["train_s"]}
 
 
 def child_study(a: dict[str, Any]) -> dict[str, Any]:
@@ -712,16 +733,20 @@ def plan_cpu(run: Runner, quick: bool, only: set[str], R: dict[str, Any], save) 
                                  "threads": th})
         save()
     if "ray" in only:
-        print("ray: plain trainer vs Ray Train (1 worker) vs a 1-trial study", flush=True)
-        steps = 60 if quick else 300
+        print("ray: plain trainer vs Ray Train (1 worker) vs a 1-trial study, interleaved",
+              flush=True)
+        steps, rounds = (60, 1) if quick else (400, 3)
         one = {"OMP_NUM_THREADS": "1"}
-        # the plain run before and after the Ray runs: its spread shows the load's drift
-        R["ray"] = [run("plain_run", {"steps": steps, "threads": 1}, env=one),
-                    run("ray_train", {"steps": steps}, env=one)]
-        if not quick:
-            R["ray"].append(run("ray_study", {"steps": steps}, env=one))
-            R["ray"].append(run("plain_run", {"steps": steps, "threads": 1}, env=one))
-        save()
+        # plain, ray_train, study per round, and a plain run closing the last round: each
+        # Ray run is compared with the plain runs just before and after it (same load)
+        R["ray"] = []
+        for i in range(rounds + 1):
+            R["ray"].append(run("plain_run", {"steps": steps, "threads": 1, "round": i}, env=one))
+            if i < rounds:
+                R["ray"].append(run("ray_train", {"steps": steps, "round": i}, env=one))
+                if not quick:
+                    R["ray"].append(run("ray_study", {"steps": steps, "round": i}, env=one))
+            save()
     if "study" in only and not quick:
         print("study: trials/hour, tiny preset, graph ablation", flush=True)
         steps = 100
@@ -856,6 +881,24 @@ def _pairs(R: dict[str, Any], compare: str) -> list[tuple[dict[str, Any], dict[s
             if "error" not in r and r["args"].get("compare") == compare and len(r["rows"]) == 2]
 
 
+def _ray_overhead(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each Ray run's loop-step ratio against the mean of the plain runs of its round and
+    the next (run just before and just after it)."""
+    ok = [x for x in rows if "error" not in x]
+    plain = {x["args"]["round"]: x for x in ok if x["task"] == "plain_run"}
+    by_runner: dict[str, list[dict[str, Any]]] = {}
+    for x in ok:
+        rnd = x["args"].get("round")
+        if x["task"] == "plain_run" or rnd not in plain or rnd + 1 not in plain:
+            continue
+        base = (plain[rnd]["loop_step_s"] + plain[rnd + 1]["loop_step_s"]) / 2
+        by_runner.setdefault(x["runner"], []).append({**x, "ratio": x["loop_step_s"] / base})
+    ps = list(plain.values())
+    return {"by_runner": by_runner,
+            "plain_startup_s": median([p["startup_s"] for p in ps]) if ps else None,
+            "plain_end_s": median([p["end_s"] for p in ps]) if ps else None}
+
+
 def headline(R: dict[str, Any], gpu: bool) -> list[str]:
     """The summary: acceptance figures and the keep/drop evidence of each speed change,
     computed from this run's numbers."""
@@ -907,20 +950,25 @@ def headline(R: dict[str, Any], gpu: bool) -> list[str]:
                     f"(batch {y['batch']})" for y in more)
             L.append(text + (". Samples identical to the plain sampler's in every case." if same
                              else ". Samples NOT identical in every case (see the table)."))
-    ray_rows = [x for x in R.get("ray") or [] if "error" not in x]
-    plains = [x for x in ray_rows if x["task"] == "plain_run"]
-    if plains:
-        base = statistics.mean(x["steady_step_s"] for x in plains)
-        base_p10 = statistics.mean(x["steady_step_p10_s"] for x in plains)
-        for x in ray_rows:
-            if x["task"] != "plain_run":
-                r = x["steady_step_s"] / base
-                L.append(f"- steady-state step time, {x['runner']} / plain: **{r:.3f}** median, "
-                         f"{x['steady_step_p10_s'] / base_p10:.3f} fastest decile"
-                         + (" (target <= 1.10: met)" if x["runner"] == "ray_train" and r <= 1.10
-                            else " (target <= 1.10: NOT met)" if x["runner"] == "ray_train"
-                            else "") + f"; wall {x['wall_s']:.0f} s vs plain "
-                         f"{statistics.mean(p['wall_s'] for p in plains):.0f} s.")
+    ov = _ray_overhead(R.get("ray") or [])
+    for runner, xs in ov["by_runner"].items():
+        ratios = [x["ratio"] for x in xs]
+        r = median(ratios)
+        target = (f" (target <= 1.10: {'met' if r <= 1.10 else 'NOT met'})"
+                  if runner == "ray_train" else "")
+        L.append(f"- steady-state training loop (steps + logging + reports), {runner} / plain: "
+                 f"**{r:.3f}**, median of {len(ratios)} interleaved round(s) (range "
+                 f"{min(ratios):.3f}-{max(ratios):.3f}){target}.")
+    rt = ov["by_runner"].get("ray_train")
+    if rt and ov["plain_startup_s"] is not None:
+        init, up = median([x["ray_init_s"] for x in rt]), median([x["startup_s"] for x in rt])
+        end = median([x["end_s"] for x in rt])
+        added = init + up - ov["plain_startup_s"]
+        L.append(f"- Ray Train's fixed cost per run: ray.init {init:.1f} s (once per cluster) + "
+                 f"launch to the worker's first step {up:.1f} s (the plain trainer: "
+                 f"{ov['plain_startup_s']:.1f} s) = **{added:.1f} s** added before training "
+                 f"(target < 10 s: {'met' if added < 10 else 'NOT met'}); after the last step "
+                 f"{end:.1f} s (plain {ov['plain_end_s']:.1f} s).")
     for x in [x for x in R.get("study") or [] if "error" not in x]:
         L.append(f"- study, {x['concurrent']} concurrent: **{x['trials_per_hour']:.0f} trials/hour** "
                  f"({x['trials']} trials of {x['steps']} steps); peak memory of the whole Ray "
@@ -1060,41 +1108,40 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
             L.append("")
 
     if R.get("ray"):
-        plains = [x for x in R["ray"] if x["task"] == "plain_run" and "error" not in x]
-        base_step = statistics.mean(x["steady_step_s"] for x in plains) if plains else None
-        base_wall = statistics.mean(x["wall_s"] for x in plains) if plains else None
         L += ["## Ray overhead (tiny preset, 1 CPU worker)", "",
-              "The same run three ways: the plain trainer in one process (run before and after "
-              "the Ray runs: their spread is the machine's drift), Ray Train with one worker "
-              "(`launch`, including `ray.init`), and a 1-trial study (`run_study`: Tune driver "
-              "+ Train run). All with 1 thread (OMP_NUM_THREADS=1, what Ray gives a 1-CPU "
-              "worker). *steady* = the median of the trainer's own per-window `step_time_s` in "
-              "`metrics.jsonl` (first window left out); *start-up + teardown* = wall - steps x "
-              "steady step (includes the final evaluation, checkpoint and samples, identical "
-              "in all). Ratios are against the mean of the two plain runs. The *fastest-decile* "
-              "step (10th percentile of the windows) is less sensitive to other users' load "
-              "on a shared machine than the median.", "",
-              "| runner | steps | wall (s) | steady step (ms) | fastest-decile step (ms) "
-              "| steady tokens/s | start-up + teardown (s) | steady ratio vs plain "
-              "| fastest-decile ratio | wall ratio | tree peak RSS / PSS (MiB) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-        base_p10 = (statistics.mean(x["steady_step_p10_s"] for x in plains) if plains else None)
+              "The same run three ways, interleaved in rounds: the plain trainer in one process, "
+              "Ray Train with one worker (`launch` on a new local cluster), and a 1-trial study "
+              "(`run_study`: Tune driver + Train run); a plain run before and after each round's "
+              "Ray runs is their baseline (same machine load). All with 1 thread "
+              "(OMP_NUM_THREADS=1, what Ray gives a 1-CPU worker) and the library's defaults "
+              "(a log row reported to Ray at most once a second, `train.report_every_s`; "
+              "the Train controller polling every 0.5 s). *loop step* = the median over log "
+              "windows (10 steps each, the first left out) of the trainer's clock between "
+              "consecutive log rows: the steps and everything the loop does between them, "
+              "reports to Ray included; *step* = the optimizer steps alone (`step_time_s`). "
+              "*start-up* = from the call (`Trainer(...)`; `launch` after `ray.init`) to the "
+              "trainer being ready to step; *end* = from the last step to the call's return "
+              "(final evaluation, checkpoint, samples, and for Ray the report and the worker "
+              "group's shutdown); the study's *fixed* = its wall - training time.", "",
+              "| round | runner | wall (s) | loop step (ms) | step (ms) | loop ratio vs plain "
+              "| ray.init (s) | start-up (s) | end (s) | tree peak RSS / PSS (MiB) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        ov = _ray_overhead(R["ray"])
+        ratio_of = {(x["runner"], x["args"]["round"]): x["ratio"]
+                    for xs in ov["by_runner"].values() for x in xs}
         for x in R["ray"]:
-            name = x.get("runner", x["task"])
+            name, rnd = x.get("runner", x["task"]), x["args"].get("round", "")
             if "error" in x:
-                L.append(f"| {name} | | {_err(x)} | | | | | | |")
+                L.append(f"| {rnd} | {name} | {_err(x)} | | | | | | | |")
                 continue
-            steps = x["args"]["steps"]
-            fixed = x["wall_s"] - x["steady_total_s"]
-            ratio = ratio_p10 = wall_ratio = "-"
-            if base_step:
-                ratio = f"**{x['steady_step_s'] / base_step:.3f}**"
-                ratio_p10 = f"{x['steady_step_p10_s'] / base_p10:.3f}"
-                wall_ratio = f"{x['wall_s'] / base_wall:.2f}"
-            extra = f" (ray.init {x['ray_init_s']:.1f} s)" if "ray_init_s" in x else ""
-            L.append(f"| {name} | {steps} | {_f(x['wall_s'])} | {_f(x['steady_step_s'] * 1e3)} | "
-                     f"{_f(x['steady_step_p10_s'] * 1e3)} | {_f(x['steady_tokens_per_s'], 0)} | "
-                     f"{_f(fixed)}{extra} | {ratio} | {ratio_p10} | {wall_ratio} "
+            ratio = ratio_of.get((name, rnd))
+            up = x.get("startup_s")
+            L.append(f"| {rnd} | {name} | {_f(x['wall_s'])} | {_f(x['loop_step_s'] * 1e3)} "
+                     f"| {_f(x['steady_step_s'] * 1e3)} | "
+                     f"{f'**{ratio:.3f}**' if ratio is not None else '-'} "
+                     f"| {_f(x.get('ray_init_s'))} "
+                     f"| {_f(up) if up is not None else 'fixed ' + _f(x.get('fixed_s'))} "
+                     f"| {_f(x.get('end_s'))} "
                      f"| {_f(x['tree_peak_rss_mb'], 0)} / {_f(x['tree_peak_pss_mb'], 0)} |")
         L.append("")
 
@@ -1165,7 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / name
     env_vars = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                 "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONPATH": str(ROOT)}
+                "PYTHONPATH": str(ROOT)}
     env = environment(cmd)
     t0 = time.perf_counter()
     R: dict[str, Any] = {}

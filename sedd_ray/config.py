@@ -209,6 +209,11 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
+    # A log row goes to the report function (Ray Train) at most this often; evaluation,
+    # checkpoint and final rows always do; metrics.jsonl and wandb get every row. Ray
+    # Train V2 holds one unread report per worker and blocks the next until its controller
+    # polls, so reporting faster than the poll interval would stall training.
+    report_every_s: float = 1.0
     eval_every: int = 100
     eval_sequences: int = 64  # fixed validation subset (sequences)
     eval_draws: int = 4  # K Monte Carlo time draws per sequence (antithetic)
@@ -242,6 +247,8 @@ class TrainConfig:
             v = getattr(self, k)
             _check(isinstance(v, int) and v >= 0, f"train.{k} must be an integer >= 0, got {v!r}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(isinstance(self.report_every_s, (int, float)) and self.report_every_s >= 0,
+               f"train.report_every_s must be a number >= 0, got {self.report_every_s!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         _check(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         _check(self.compile in ("auto", "on", "off"), f"train.compile must be auto, on or off, got {self.compile!r}")

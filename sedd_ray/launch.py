@@ -21,12 +21,16 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sedd_ray.config import RunConfig
 
+# How often Ray Train's controller polls its workers unless RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+# says otherwise: below TrainConfig.report_every_s (1.0 s by default).
+HEALTH_CHECK_INTERVAL_S = 0.5
 # Environment variables a worker on any node needs to see like the driver does.
 FORWARDED_ENV = (
     "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "WANDB_MODE", "WANDB_API_KEY",
@@ -75,13 +79,14 @@ def _worker_fn(config: dict[str, Any]) -> None:
     if config.get("node_log"):  # tests: where each rank ran, as which pid, from which step
         node = ray.get_runtime_context().get_node_id()
         with open(Path(config["node_log"]) / f"rank{ctx.get_world_rank()}.log", "a") as f:
-            f.write(json.dumps({"node": node, "pid": os.getpid(), "start_step": trainer.step}) + "\n")
+            f.write(json.dumps({"node": node, "pid": os.getpid(), "start_step": trainer.step,
+                                "time": time.time()}) + "\n")
     trainer.run(resume=False)  # everything the driver needs went through ray.train.report
     if config.get("node_log"):
         flat = torch.cat([p.detach().flatten().cpu() for p in trainer.raw_model.parameters()])
         digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
         with open(Path(config["node_log"]) / f"rank{ctx.get_world_rank()}.log", "a") as f:
-            f.write(json.dumps({"node": node, "weights_sha256": digest}) + "\n")
+            f.write(json.dumps({"node": node, "weights_sha256": digest, "time": time.time()}) + "\n")
 
 
 def launch(
@@ -155,6 +160,10 @@ def launch(
         ),
     )
     print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)
+    # The controller polls its workers (and drains their one-deep report queue) this often;
+    # Ray's default, 2 s, would stall a worker whose reports come faster (see
+    # TrainConfig.report_every_s) and delays noticing that a run finished or failed.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     try:
         with _pinned_ray_address():
             result = trainer.fit()
@@ -181,7 +190,6 @@ def connect(address: str | None = None, resources: dict[str, float] | None = Non
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address in (None, "local"):
         ray.init(address="local", resources=resources, log_to_driver=True)

@@ -387,6 +387,7 @@ def _results_callback(spec: StudySpec, storage: str):
             row = self._row(trial, "error", error=_trial_error(trial))
             _merge_metrics(row, trial.last_result or {}, self.started.get(trial.trial_id))
             row["end_time"] = _utc(time.time())
+            self._backfill_history(trial.trial_id)
             self._w().upsert_trial(row)
             self._w().flush()
 

@@ -372,7 +372,10 @@ class Trainer:
         return [self.data.decode(row.tolist()) for row in x.cpu()]
 
     # -- reporting --
-    def _emit(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def _emit(self, metrics: dict[str, Any], checkpoint_dir: Path | None,
+              report: bool = True) -> None:
+        """Every row to metrics.jsonl and wandb (rank 0); to the report function when
+        ``report`` (the same on every rank) or a checkpoint comes with it."""
         if self.is_main:
             self.history.append(metrics)
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -380,7 +383,7 @@ class Trainer:
             if self.wandb_run is not None:
                 self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                    step=metrics["step"])
-        if self.report_fn is not None:
+        if self.report_fn is not None and (report or checkpoint_dir is not None):
             self.report_fn(metrics, str(checkpoint_dir) if checkpoint_dir else None)
 
     def _init_wandb(self) -> None:
@@ -408,6 +411,7 @@ class Trainer:
         last_finite = (None, None)  # (step, loss)
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         last_log_time, last_log_step = time.perf_counter(), self.step
+        last_report = last_log_time
         last_ckpt: Path | None = None
         bar = None
         if self.is_main and t.progress:
@@ -429,7 +433,14 @@ class Trainer:
                 is_ckpt = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps
                 if not (is_log or is_eval or is_ckpt):
                     continue
-                bad = _all_reduce_sum([float(bad_step.item() >= 0)], self.device)[0]
+                now = time.perf_counter()
+                # One all-reduce per log point: any rank's non-finite loss, the window's
+                # loss, and rank 0's clock deciding whether a plain log row is reported, for
+                # every rank alike (each report is a barrier in Ray Train).
+                due = self.is_main and now - last_report >= t.report_every_s
+                bad, loss_sum, due_sum = _all_reduce_sum(
+                    [float(bad_step.item() >= 0), window_loss.item() / max(window_steps, 1),
+                     float(due)], self.device)
                 if bad:
                     where = int(bad_step.item()) if bad_step.item() >= 0 else self.step
                     raise NonFiniteLossError(
@@ -437,9 +448,9 @@ class Trainer:
                         f"loss {last_finite[1]} nats/token at step {last_finite[0]}. Lower --lr, "
                         "check the data, or enable gradient clipping."
                     )
-                now = time.perf_counter()
                 steps_done = self.step - last_log_step
-                mean_loss = _all_reduce_sum([window_loss.item() / max(window_steps, 1)], self.device)[0] / self.world
+                mean_loss = loss_sum / self.world
+                report = bool(due_sum) or is_eval or is_ckpt
                 last_finite = (self.step, round(mean_loss, 6))
                 metrics: dict[str, Any] = {
                     "step": self.step, "tokens": self.tokens, "train_loss": mean_loss,
@@ -468,7 +479,9 @@ class Trainer:
                     if self.world > 1:
                         dist.barrier()
                 if self.step < t.steps:
-                    self._emit(metrics, written)
+                    self._emit(metrics, written, report=report)
+                    if report:
+                        last_report = time.perf_counter()
                 last_log_time, last_log_step = time.perf_counter(), self.step
             return self._finish(metrics if self.step > self.resumed_from else None, start_wall,
                                 last_ckpt)

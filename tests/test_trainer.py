@@ -45,15 +45,39 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_bundle):
     resumed = train(cfg, tmp_path / "part", lambda m, c: part_log.append(m), bundle=tiny_bundle)
     assert resumed.resumed_from_step == 1000 and resumed.step == full.step == 2000
 
-    def curve(log):
-        return [(m["step"], m["train_loss"]) for m in log if "train_loss" in m]
+    def curve(run):  # every log row, reported or not
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        return [(m["step"], m["train_loss"]) for m in rows if "train_loss" in m]
 
-    assert curve(part_log) == curve(full_log)  # bitwise: the same floats
+    assert len(curve("full")) == 2000 // 50
+    assert curve("part") == curve("full")  # bitwise: the same floats
+    assert [m["step"] for m in part_log if "val_nll" in m] == [1000, 2000]
     wa, wb = _weights(full.checkpoint_dir), _weights(resumed.checkpoint_dir)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert resumed.val_nll == full.val_nll
+
+
+def test_log_rows_are_reported_at_most_every_report_every_s(tmp_path, tiny_bundle):
+    """metrics.jsonl gets every log row; the report function (Ray Train) gets evaluation,
+    checkpoint and final rows always, plain log rows only report_every_s apart."""
+    def run(name, every):
+        seen = []
+        cfg = tiny_config(steps=20, log_every=2, eval_every=10, ckpt_every=5,
+                          report_every_s=every)
+        train(cfg, tmp_path / name, lambda m, c: seen.append((m["step"], c is not None)),
+              bundle=tiny_bundle)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        return seen, [r["step"] for r in rows]
+
+    every_log_point = sorted({*range(2, 21, 2), 5, 15})  # log steps, checkpoint steps
+    seen, logged = run("never", 1e9)
+    assert logged == every_log_point  # the last one is the final row
+    assert [s for s, _ in seen] == [5, 10, 15, 20]  # checkpoints (10: and evaluation), final
+    assert all(has_ckpt for _, has_ckpt in seen)
+    seen, logged = run("always", 0)
+    assert [s for s, _ in seen] == logged == every_log_point
 
 
 def test_checkpoint_holds_the_whole_state(tmp_path, tiny_bundle):
@@ -99,7 +123,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str, cache: str) -> 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world)
     try:
-        cfg = tiny_config(steps=12, ckpt_every=6, eval_every=6)
+        # report_every_s: rank 0's clock picks which plain log rows are reported (often
+        # at 10 ms), and every rank must follow it: each report is a barrier in Ray Train.
+        cfg = tiny_config(steps=40, ckpt_every=20, eval_every=20, log_every=2,
+                          report_every_s=0.01)
         seen = []
         t = Trainer(cfg, out, lambda m, c: seen.append(m["step"]))
         res = t.run(resume=False)
