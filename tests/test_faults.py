@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -28,6 +27,14 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_config
+from raytools import (
+    committed_steps,
+    jsonl,
+    kill_session,
+    launch_in_thread,
+    plain_reference,
+    weights_sha,
+)
 
 from sedd_ray import checkpoint as ckpt
 from sedd_ray.results import read_history, read_trials
@@ -35,27 +42,6 @@ from sedd_ray.results import read_history, read_trials
 pytestmark = pytest.mark.faults
 
 FAKE_KEY = "fa6e0123456789abcdef0123456789abcdef0123"  # 40 hex, like a wandb key
-
-
-def _committed(snapshot: Path) -> list[int]:
-    """Steps of the checkpoints Ray's controller has registered (its snapshot names them)."""
-    try:
-        text = snapshot.read_text()
-    except OSError:
-        return []
-    return sorted({int(m) for m in re.findall(r"ckpt-(\d{8})", text)})
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            pass
-    return out
 
 
 # --- a full disk (no Ray) -------------------------------------------------------------------
@@ -138,17 +124,6 @@ def _study(storage: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)  # the driver, by pid
-        proc.wait()
-    time.sleep(1)
-    try:  # then what it left behind: its local Ray cluster
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _trials(storage: Path) -> list[dict]:
     try:
         return read_trials(storage, "graph-ablation").to_dict("records")
@@ -164,13 +139,13 @@ def _kill_mid_trial(proc: subprocess.Popen, storage: Path, finished_before: int)
         rows = _trials(storage)
         done = {r["trial_id"] for r in rows if r["status"] == "terminated"}
         for r in rows:
-            committed = _committed(storage / "graph-ablation" / "train" / r["trial_id"]
+            committed = committed_steps(storage / "graph-ablation" / "train" / r["trial_id"]
                                    / "checkpoint_manager_snapshot.json")
             if len(done) > finished_before - 1 and r["status"] == "running" and committed:
-                _kill_session(proc)
+                kill_session(proc)
                 return {"done": done, "in_flight": r["trial_id"], "committed": committed[-1]}
         time.sleep(0.2)
-    _kill_session(proc)
+    kill_session(proc)
     pytest.fail(f"no kill point reached (exit code {proc.returncode}); trials: "
                 f"{[(r['trial_id'], r['status'], r['step']) for r in _trials(storage)]}")
 
@@ -187,7 +162,7 @@ def test_driver_killed_twice_resume_completes_every_trial_once(tmp_path):
     try:
         assert final.wait(timeout=400) == 0
     finally:
-        _kill_session(final)
+        kill_session(final)
 
     df = read_trials(storage, "graph-ablation")
     assert len(df) == 2 and df["trial_id"].is_unique  # every trial exactly once
@@ -198,7 +173,7 @@ def test_driver_killed_twice_resume_completes_every_trial_once(tmp_path):
     for kill in (first, second):
         # The trial in flight at each kill resumed from its checkpoint, not from step 0:
         # its trainer log (every step, complete) restarts after the committed step.
-        log = _jsonl(storage / "graph-ablation" / "train" / kill["in_flight"] / "trainer"
+        log = jsonl(storage / "graph-ablation" / "train" / kill["in_flight"] / "trainer"
                      / "metrics.jsonl")
         steps = [m["step"] for m in log]
         restarts = [b for a, b in zip(steps, steps[1:]) if b <= a]
@@ -232,52 +207,25 @@ def cluster():
     c.shutdown()
 
 
-def _weights_sha(model) -> str:
-    import hashlib
-
-    import torch
-
-    flat = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
-
-
 @pytest.mark.ray
 def test_worker_killed_three_times_matches_an_uninterrupted_run(cluster, tmp_path):
-    import torch
 
-    from sedd_ray.launch import launch
-    from sedd_ray.trainer import Trainer
 
     cfg = tiny_config(steps=800, ckpt_every=50, eval_every=400, log_every=10)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like a Ray worker: the same float reduction order
-    try:
-        plain = Trainer(cfg, tmp_path / "plain")
-        reference = plain.run(resume=False)
-    finally:
-        torch.set_num_threads(threads)
-    reference_loss = _jsonl(tmp_path / "plain" / "metrics.jsonl")[-1]["train_loss"]
+    plain, reference = plain_reference(cfg, tmp_path / "plain")
+    reference_loss = jsonl(tmp_path / "plain" / "metrics.jsonl")[-1]["train_loss"]
 
     logs, runs = tmp_path / "logs", tmp_path / "runs"
     logs.mkdir()
-    out: dict = {}
-
-    def run():
-        try:
-            out["result"] = launch(cfg, name="thrice", storage=str(runs), num_workers=1,
+    thread, out = launch_in_thread(cfg, name="thrice", storage=str(runs), num_workers=1,
                                    node_log=str(logs), max_failures=3)
-        except BaseException as e:  # noqa: BLE001 - surfaced by the assertion below
-            out["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
     snapshot = runs / "thrice" / "checkpoint_manager_snapshot.json"
     kills: list[dict] = []
     deadline = time.time() + 300
     while thread.is_alive() and len(kills) < 3 and time.time() < deadline:
-        starts = [e for e in _jsonl(logs / "rank0.log") if "start_step" in e]
+        starts = [e for e in jsonl(logs / "rank0.log") if "start_step" in e]
         if len(starts) == len(kills) + 1:  # the current attempt's worker is up
-            committed = _committed(snapshot)
+            committed = committed_steps(snapshot)
             # Kill once this attempt has had a checkpoint of its own committed by Ray.
             if committed and committed[-1] > starts[-1]["start_step"]:
                 os.kill(starts[-1]["pid"], signal.SIGKILL)
@@ -286,7 +234,7 @@ def test_worker_killed_three_times_matches_an_uninterrupted_run(cluster, tmp_pat
     thread.join(timeout=300)
     assert "error" not in out, out.get("error")
     assert len(kills) == 3, f"only {len(kills)} kills before the run ended"
-    starts = [e for e in _jsonl(logs / "rank0.log") if "start_step" in e]
+    starts = [e for e in jsonl(logs / "rank0.log") if "start_step" in e]
     assert len(starts) == 4 and len({s["pid"] for s in starts}) == 4
     for kill, restart in zip(kills, starts[1:]):
         assert restart["start_step"] >= kill["committed"] > 0  # resumed, never from scratch
@@ -294,8 +242,8 @@ def test_worker_killed_three_times_matches_an_uninterrupted_run(cluster, tmp_pat
     assert result["step"] == reference.step == 800
     assert result["val_nll"] == reference.val_nll  # bitwise: the same floats
     assert result["train_loss"] == reference_loss
-    final_weights = [e for e in _jsonl(logs / "rank0.log") if "weights_sha256" in e]
-    assert final_weights[-1]["weights_sha256"] == _weights_sha(plain.raw_model)
+    final_weights = [e for e in jsonl(logs / "rank0.log") if "weights_sha256" in e]
+    assert final_weights[-1]["weights_sha256"] == weights_sha(plain.raw_model)
 
 
 @pytest.mark.ray
@@ -318,7 +266,7 @@ def test_node_removed_mid_trial_is_retried_elsewhere_and_the_study_completes(clu
         deadline = time.time() + 240
         while time.time() < deadline:
             snaps = list((storage / "node-loss" / "train").glob("*/checkpoint_manager_snapshot.json"))
-            committed = _committed(snaps[0]) if snaps else []
+            committed = committed_steps(snaps[0]) if snaps else []
             if committed:
                 alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
                                              ("state", "=", "ALIVE")])
@@ -344,7 +292,7 @@ def test_node_removed_mid_trial_is_retried_elsewhere_and_the_study_completes(clu
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
     nodes = {w.node_id for w in workers}
     assert removed["node"] in nodes and len(nodes) >= 2  # ran, lost, ran again elsewhere
-    log = _jsonl(storage / "node-loss" / "train" / removed["trial"] / "trainer" / "metrics.jsonl")
+    log = jsonl(storage / "node-loss" / "train" / removed["trial"] / "trainer" / "metrics.jsonl")
     steps = [m["step"] for m in log]
     restarts = [b for a, b in zip(steps, steps[1:]) if b <= a]
     assert len(restarts) == 1 and restarts[0] > removed["committed"], steps  # not from 0

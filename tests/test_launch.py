@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import tiny_config
+from raytools import committed_steps, jsonl, launch_in_thread, plain_reference
 
 from sedd_ray.launch import LaunchError, launch
-from sedd_ray.trainer import train
 
 pytestmark = pytest.mark.ray
 
@@ -58,42 +57,21 @@ def test_two_workers_on_different_nodes_agree(cluster, tmp_path):
 
 def test_killed_worker_resumes_from_checkpoint_and_matches(cluster, tmp_path):
     cfg = tiny_config(steps=300, ckpt_every=100, eval_every=100, log_every=10)
-    # Uninterrupted, no Ray, the same single rank; one thread like a Ray worker
-    # (OMP_NUM_THREADS=1) so that float reductions run in the same order.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reference = train(cfg, tmp_path / "plain")
-    finally:
-        torch.set_num_threads(threads)
+    _, reference = plain_reference(cfg, tmp_path / "plain")  # no Ray, one thread
 
     logs = tmp_path / "logs"
     logs.mkdir()
     runs = tmp_path / "runs"
-    out: dict = {}
-
-    def run():
-        try:
-            out["result"] = launch(cfg, name="faulty", storage=str(runs), num_workers=1,
+    thread, out = launch_in_thread(cfg, name="faulty", storage=str(runs), num_workers=1,
                                    node_log=str(logs), max_failures=2)
-        except BaseException as e:  # noqa: BLE001 - surfaced by the assertion below
-            out["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
     metrics = runs / "faulty" / "trainer" / "metrics.jsonl"
     deadline = time.time() + 240
     killed_after = None
     while time.time() < deadline and thread.is_alive():
         # Kill once Ray's controller has committed the step-100 checkpoint (its snapshot
         # names it): a checkpoint reported but not yet registered is lost with the worker.
-        snapshot = runs / "faulty" / "checkpoint_manager_snapshot.json"
-        committed = snapshot.exists() and "ckpt-00000100" in snapshot.read_text()
-        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
-                 ] if metrics.exists() else []
-        if committed and steps:
+        steps = [r["step"] for r in jsonl(metrics)]
+        if 100 in committed_steps(runs / "faulty" / "checkpoint_manager_snapshot.json") and steps:
             killed_after = max(steps)
             os.kill(_log(logs, 0)[0]["pid"], signal.SIGKILL)
             break

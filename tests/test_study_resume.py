@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from raytools import kill_session
 
 from sedd_ray.results import read_trials
 
@@ -36,16 +37,6 @@ def _finished(storage) -> int:
     return int(df["status"].isin(["terminated", "stopped_early"]).sum())
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    os.kill(proc.pid, signal.SIGKILL)  # the driver, by pid
-    proc.wait()
-    time.sleep(1)
-    try:  # then what it left behind: its local Ray cluster
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def test_killed_driver_resumes_and_keeps_every_trial_once(tmp_path):
     proc = _study(tmp_path)
     deadline = time.time() + 400
@@ -53,14 +44,14 @@ def test_killed_driver_resumes_and_keeps_every_trial_once(tmp_path):
         time.sleep(0.5)
     assert proc.poll() is None, "the study ended before it could be interrupted"
     assert 1 <= _finished(tmp_path) < 4
-    _kill_session(proc)
+    kill_session(proc)
 
     resumed = _study(tmp_path, "--resume")
     try:
         assert resumed.wait(timeout=600) == 0
     finally:
         if resumed.poll() is None:
-            _kill_session(resumed)
+            kill_session(resumed)
         else:
             try:
                 os.killpg(resumed.pid, signal.SIGKILL)

@@ -1,0 +1,91 @@
+"""Helpers of the Ray fault tests: runs in a thread, what Ray has committed, kills."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def jsonl(path: Path) -> list[dict]:
+    """The whole rows of a JSON-lines file (a row being written right now is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def committed_steps(snapshot: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered: its
+    ``checkpoint_manager_snapshot.json`` names them. A checkpoint reported but not yet
+    registered is lost with a killed worker, so tests kill only after this lists one."""
+    try:
+        text = snapshot.read_text()
+    except OSError:
+        return []
+    return sorted({int(m) for m in re.findall(r"ckpt-(\d{8})", text)})
+
+
+def weights_sha(model) -> str:
+    import torch
+
+    flat = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+def plain_reference(cfg, out: Path):
+    """The uninterrupted run without Ray, on one thread like a 1-CPU Ray worker
+    (OMP_NUM_THREADS=1), so float reductions run in the same order: the bitwise reference."""
+    import torch
+
+    from sedd_ray.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(cfg, out)
+        return trainer, trainer.run(resume=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def launch_in_thread(cfg, **kw: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """``launch(cfg, **kw)`` in a thread; ``out`` gets ``result`` or ``error`` when it ends."""
+    from sedd_ray.launch import launch
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = launch(cfg, **kw)
+        except BaseException as e:  # noqa: BLE001 - surfaced by the test's assertion
+            out["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver started with ``start_new_session=True`` (by pid), then what it left
+    behind in its session: its local Ray cluster."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
