@@ -102,6 +102,20 @@ def test_failing_trial_is_recorded_with_its_reason(study):
     row = bad.iloc[0]
     assert row["status"] == "error"
     assert "non-finite" in row["error"] and "step 7" in row["error"]
+    # Its curve up to the failure is kept (log_every=5: step 5), though Tune was sent no
+    # plain log row that fast (report_every_s): completed from the trial's metrics.jsonl.
+    hist = read_history(storage, "grid")
+    assert sorted(hist[hist["trial_id"] == row["trial_id"]]["step"]) == [5]
+
+
+def test_history_holds_every_log_step_of_every_trial(study):
+    storage, _, _ = study
+    hist = read_history(storage, "grid")
+    for _, row in read_trials(storage, "grid").iterrows():
+        if row["status"] == "error":
+            continue
+        steps = sorted(hist[hist["trial_id"] == row["trial_id"]]["step"])
+        assert steps == list(range(5, steps[-1] + 1, 5)) and steps[-1] >= row["step"], steps
 
 
 def test_parquet_types_are_the_fixed_schema(study):
