@@ -12,6 +12,9 @@ Running again with the same ``name`` and ``storage`` resumes the run.
 
 Storage may be a local path or any URI ``pyarrow.fs`` understands (``s3://``,
 ``gs://``), so every node of a multi-node cluster sees it.
+
+Ray Train's own console lines are kept to warnings; ``SEDD_RAY_TRAIN_LOG_LEVEL=INFO``
+brings back its INFO lines (every report, every checkpoint upload).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -48,6 +52,36 @@ def is_local_path(storage: str) -> bool:
     return "://" not in storage or storage.startswith("file://")
 
 
+def _train_log_level() -> str:
+    return os.environ.get("SEDD_RAY_TRAIN_LOG_LEVEL", "WARNING").upper()
+
+
+class _BelowLevelRayTrain(logging.Filter):
+    """Drops Ray Train's records below a level (every other record passes)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ray_train = record.name.startswith("ray.train") or (
+            f"{os.sep}ray{os.sep}train{os.sep}" in (record.pathname or ""))
+        return not (ray_train and record.levelno < self.level)
+
+
+def _quiet_ray_train_console() -> None:
+    """Ray Train's ``LoggingConfig`` filters the records of the ``ray.train`` loggers, but
+    some of its modules log through ``logging.getLogger(__file__)`` (a path, not a
+    ``ray.train`` name: every report's whole metrics dict), which reaches the root
+    logger's console handler; filter those by where they come from. Ray's session log
+    files keep everything."""
+    level = logging.getLevelName(_train_log_level())
+    for name in ("", "ray"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _BelowLevelRayTrain) for f in handler.filters):
+                handler.addFilter(_BelowLevelRayTrain(level))
+
+
 def _worker_fn(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: resume from Ray's checkpoint, train, report."""
     import ray.train
@@ -56,6 +90,7 @@ def _worker_fn(config: dict[str, Any]) -> None:
 
     from sedd_ray.trainer import Trainer
 
+    _quiet_ray_train_console()
     cfg = RunConfig.from_dict(config["run_config"])
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
@@ -157,6 +192,9 @@ def launch(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             worker_runtime_env={"env_vars": env} if env else None,
+            # Ray Train's own INFO lines (every report's whole metrics dict, each checkpoint
+            # upload) drown the study table; they stay in Ray's session log files.
+            logging_config=ray.train.LoggingConfig(log_level=_train_log_level()),
         ),
     )
     print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)

@@ -104,3 +104,28 @@ def test_failed_run_exits_nonzero_with_the_worker_error(cluster, tmp_path, capsy
 def test_bad_settings_fail_before_any_worker_starts(cluster, tmp_path):
     with pytest.raises(LaunchError, match="not divisible by num_workers"):
         launch(tiny_config(batch_size=9), name="x", storage=str(tmp_path), num_workers=2)
+
+
+def test_ray_train_console_lines_below_the_level_are_dropped(monkeypatch):
+    """Ray Train logs every report (its whole metrics dict) at INFO through a logger named
+    by its file path; the worker's console filter drops those and keeps everything else."""
+    import logging
+
+    import ray
+
+    from sedd_ray import launch as launch_mod
+
+    path = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "context.py")
+
+    def record(name, level, pathname):
+        return logging.LogRecord(name, level, pathname, 1, "msg", None, None)
+
+    monkeypatch.delenv("SEDD_RAY_TRAIN_LOG_LEVEL", raising=False)
+    f = launch_mod._BelowLevelRayTrain(logging.getLevelName(launch_mod._train_log_level()))
+    assert not f.filter(record(path, logging.INFO, path))  # "Reporting training result ..."
+    assert not f.filter(record("ray.train.v2.x", logging.INFO, "x.py"))
+    assert f.filter(record(path, logging.WARNING, path))
+    assert f.filter(record("sedd_ray.trainer", logging.INFO, "/x/sedd_ray/trainer.py"))
+    monkeypatch.setenv("SEDD_RAY_TRAIN_LOG_LEVEL", "info")
+    f = launch_mod._BelowLevelRayTrain(logging.getLevelName(launch_mod._train_log_level()))
+    assert f.filter(record(path, logging.INFO, path))
