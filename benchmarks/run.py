@@ -487,7 +487,7 @@ def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
     storage, logs = tempfile.mkdtemp(prefix="sedd-bench-ray-"), tempfile.mkdtemp()
     try:
         t0 = time.time()
-        connect(None)  # a new local cluster of our own, as launch does without an address
+        connect("local")  # a new local cluster of our own, even if $RAY_ADDRESS is set
         t_init = time.time()
         launch(cfg, name="bench", storage=storage, num_workers=1, max_failures=0, node_log=logs)
         t_fit = time.time()
@@ -504,12 +504,12 @@ def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _local_ray_for_study() -> None:
-    """What run_study's own connect does (a new local cluster with the driver resource),
-    before the clock starts."""
+    """What run_study's own connect does without an address (a new local cluster with the
+    driver resource; here even if $RAY_ADDRESS is set), before the clock starts."""
     from sedd_ray.launch import connect
     from sedd_ray.study import DRIVER_RESOURCE
 
-    connect(None, resources={DRIVER_RESOURCE: 1000})
+    connect("local", resources={DRIVER_RESOURCE: 1000})
 
 
 def child_ray_study(a: dict[str, Any]) -> dict[str, Any]:

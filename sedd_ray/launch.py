@@ -61,11 +61,14 @@ class _BelowLevelRayTrain(logging.Filter):
 
     def __init__(self, level: int) -> None:
         super().__init__()
+        import ray.train
+
         self.level = level
+        self.package = os.path.dirname(os.path.abspath(ray.train.__file__)) + os.sep
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ray_train = record.name.startswith("ray.train") or (
-            f"{os.sep}ray{os.sep}train{os.sep}" in (record.pathname or ""))
+        ray_train = (record.name.startswith("ray.train")
+                     or os.path.abspath(record.pathname or "").startswith(self.package))
         return not (ray_train and record.levelno < self.level)
 
 
@@ -73,12 +76,14 @@ def _quiet_ray_train_console() -> None:
     """Ray Train's ``LoggingConfig`` filters the records of the ``ray.train`` loggers, but
     some of its modules log through ``logging.getLogger(__file__)`` (a path, not a
     ``ray.train`` name: every report's whole metrics dict), which reaches the root
-    logger's console handler; filter those by where they come from. Ray's session log
-    files keep everything."""
+    logger's console handler; filter those by the file they come from, on the console
+    handlers only (Ray Train's log files in the session directory keep them)."""
     level = logging.getLevelName(_train_log_level())
     for name in ("", "ray"):
         for handler in logging.getLogger(name).handlers:
-            if not any(isinstance(f, _BelowLevelRayTrain) for f in handler.filters):
+            console = (isinstance(handler, logging.StreamHandler)
+                       and not isinstance(handler, logging.FileHandler))
+            if console and not any(isinstance(f, _BelowLevelRayTrain) for f in handler.filters):
                 handler.addFilter(_BelowLevelRayTrain(level))
 
 
@@ -198,12 +203,8 @@ def launch(
         ),
     )
     print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)
-    # The controller polls its workers (and drains their one-deep report queue) this often;
-    # Ray's default, 2 s, would stall a worker whose reports come faster (see
-    # TrainConfig.report_every_s) and delays noticing that a run finished or failed.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     try:
-        with _pinned_ray_address():
+        with _ray_train_env():
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise LaunchError(f"run {name!r} failed: {_worker_error(e)} (run folder {run_dir})") from e
@@ -236,20 +237,28 @@ def connect(address: str | None = None, resources: dict[str, float] | None = Non
 
 
 @contextlib.contextmanager
-def _pinned_ray_address() -> Iterator[None]:
-    """Make Ray Train's helpers talk to *this* cluster while a run is fitted.
+def _ray_train_env() -> Iterator[None]:
+    """The environment Ray Train's controller is created with, for one ``fit()``; the
+    previous values come back afterwards, so that a later ``ray.init`` in this process is
+    not sent to a cluster that is gone.
 
-    Ray Train's PlacementGroupCleaner (which frees an early-stopped trial's placement
-    group) finds its cluster by auto-detection, which fails when another Ray instance runs
-    on the same machine; the placement group then leaks and later trials wait forever for
-    its CPUs. Pin ``RAY_ADDRESS`` to the connected cluster and have Ray Train propagate it
-    to its controller, from which the cleaner inherits it. The previous value comes back
-    afterwards, so a later ``ray.init`` in this process is not sent to a cluster that is gone.
+    - ``RAY_ADDRESS`` = the connected cluster. Ray Train's PlacementGroupCleaner (which
+      frees an early-stopped trial's placement group) finds its cluster by
+      auto-detection, which fails when another Ray instance runs on the same machine; the
+      placement group then leaks and later trials wait forever for its CPUs. Ray Train is
+      told to propagate it to its controller, from which the cleaner inherits it.
+    - ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` = 0.5 s unless set: the controller polls its
+      workers (and drains their one-deep report queue) this often. Ray's default, 2 s,
+      would stall a worker whose reports come faster (see ``TrainConfig.report_every_s``)
+      and is slow to notice that a run finished or failed.
     """
     import ray
 
-    before = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    values = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+              "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
+                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))}
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         from ray.train.v2._internal import constants
 
@@ -259,10 +268,11 @@ def _pinned_ray_address() -> Iterator[None]:
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _worker_error(e: Exception) -> str:

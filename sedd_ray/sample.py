@@ -67,8 +67,10 @@ class LoadedModel:
         g = torch.Generator(device=device).manual_seed(seed)
         # exp(model(x, sigma_bar)), (B, L, dim); a time-independent (RADD) absorbing model
         # skips the network call when no token changed since the last one (same samples).
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else None)
+        # the trained run's precision (auto: bf16 on GPU, fp32 on CPU), as its own samples
+        precision = self.cfg.train.precision
+        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
         x = sample(model_score_fn(self.model, autocast=autocast), self.graph, self.noise, batch=num_samples, length=length, steps=steps,
                    predictor=predictor, denoise=True, eps=self.cfg.diffusion.sampling_eps,
                    generator=g, device=device, fixed_mask=fixed_mask, fixed_tokens=fixed_tokens,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -364,8 +365,8 @@ def _results_callback(spec: StudySpec, storage: str):
             if (row.get("step") or 0) < planned:
                 row["status"] = "stopped_early"
             row["end_time"] = _utc(time.time())
-            self._backfill_history(trial.trial_id)
             self._w().upsert_trial(row)
+            self._backfill_history(trial.trial_id)
             self._w().flush()
 
         def _backfill_history(self, trial_id: str) -> None:
@@ -376,19 +377,23 @@ def _results_callback(spec: StudySpec, storage: str):
             if "://" in storage or not path.is_file():
                 return
             rows = []
-            for line in path.read_text().splitlines():
-                try:
-                    rows.append(_history_row(spec.name, trial_id, json.loads(line)))
-                except ValueError:  # a line cut short by a crash
-                    continue
-            self._w().append_history(trial_id, rows)
+            try:
+                for line in path.read_text().splitlines():
+                    try:
+                        rows.append(_history_row(spec.name, trial_id, json.loads(line)))
+                    except ValueError:  # a line cut short by a crash
+                        continue
+                self._w().append_history(trial_id, rows)
+            except Exception as e:  # noqa: BLE001 - the trial's own row is already written
+                print(f"warning: history of trial {trial_id} not completed from {path}: {e}",
+                      file=sys.stderr)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             row = self._row(trial, "error", error=_trial_error(trial))
             _merge_metrics(row, trial.last_result or {}, self.started.get(trial.trial_id))
             row["end_time"] = _utc(time.time())
-            self._backfill_history(trial.trial_id)
             self._w().upsert_trial(row)
+            self._backfill_history(trial.trial_id)
             self._w().flush()
 
     return ParquetCallback()

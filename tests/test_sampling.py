@@ -196,14 +196,16 @@ def test_cli_sampler_skips_unchanged_calls_and_keeps_the_samples(tiny_bundle, mo
     graph, noise = get_graph("absorb", vocab_size=tiny_bundle.vocab_size), get_noise("loglinear")
     torch.manual_seed(0)
     model = ScoreModel(cfg.model, graph).eval()
-    calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
+    calls = []  # network evaluations: forward and denoiser_logprobs both run _raw once
+    raw = model._raw
+    model._raw = lambda *a: (calls.append(1), raw(*a))[1]
     m = LoadedModel(model, graph, noise, tiny_bundle.tokenizer.backend_tokenizer,
                     tiny_bundle.vocab_size, cfg, 0, Path("."))
     kw = dict(num_samples=2, length=24, steps=24, seed=3, prefix="ROMEO:", suffix=" end.")
 
     cached = m.generate(**kw)
     cached_calls = len(calls)
+    assert cached_calls > 0
     calls.clear()
 
     def plain(model, autocast=None):  # one network call per step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,8 +124,16 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str, cache: str) -> 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world)
     try:
-        # report_every_s: rank 0's clock picks which plain log rows are reported (often
-        # at 10 ms), and every rank must follow it: each report is a barrier in Ray Train.
+        # report_every_s: rank 0's clock picks which plain log rows are reported, and every
+        # rank must follow it (each report is a barrier in Ray Train). Fake clocks: rank
+        # 0's runs (some rows due, not all), rank 1's stands still (never due by itself).
+        ticks = [0.0]
+
+        def clock() -> float:
+            ticks[0] += 0.004 if rank == 0 else 0.0
+            return ticks[0]
+
+        trainer_mod.time = SimpleNamespace(perf_counter=clock)  # this spawned process only
         cfg = tiny_config(steps=40, ckpt_every=20, eval_every=20, log_every=2,
                           report_every_s=0.01)
         seen = []
@@ -149,6 +158,8 @@ def test_ddp_two_gloo_ranks_hold_identical_weights(tmp_path, tiny_bundle):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(r0["weights"], r1["weights"])
     assert r0["steps"] == r1["steps"]  # every rank reports at the same steps
+    plain_rows = set(range(2, 40, 2)) - {20}  # log rows without evaluation or checkpoint
+    assert 0 < len(plain_rows & set(r0["steps"])) < len(plain_rows)  # some reported, not all
     assert r0["val"] == r1["val"]  # metrics averaged over ranks
     # Weights moved away from the shared initialisation.
     init = Trainer(tiny_config(), tmp_path / "init-model", bundle=tiny_bundle).raw_model
