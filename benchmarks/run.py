@@ -829,6 +829,23 @@ def _err(r: dict[str, Any]) -> str:
     return f"FAILED ({r['error'][:160]})" if "error" in r else ""
 
 
+def _row(cells: list[str]) -> str:
+    """A Markdown table row; an empty cell is one space."""
+    return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
+
+
+def _table(columns: list[str]) -> list[str]:
+    """A Markdown table's header and separator rows."""
+    return [_row(columns), "|" + "---|" * len(columns)]
+
+
+def _error_row(columns: list[str], r: dict[str, Any], lead: list[str], at: int) -> str:
+    """A measurement that failed: the ``lead`` cells, its error in column ``at``, and
+    empty cells to the table's width."""
+    cells = [*lead, *[""] * (at - len(lead)), _err(r)]
+    return _row(cells + [""] * (len(columns) - len(cells)))
+
+
 def environment(cmd: str) -> dict[str, Any]:
     import torch
 
@@ -1018,18 +1035,15 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
               "alternating in rounds (same load). *process peak RSS* = the process's VmHWM (model, data, torch); "
               "*step extra peak* = the most one round of steps raised the RSS above its level "
               "before the round (the steps' transient memory).", ""]
-        hdr = ("| preset | model | batch x len | vocab | threads | compile | code | step (ms) "
-               "| p10-p90 (ms) | tokens/s | process peak RSS (MiB) | step extra peak (MiB) |")
-        sep = "|---|---|---|---|---|---|---|---|---|---|---|---|"
-        if gpu:
-            hdr += " GPU peak (MiB) | TFLOP/s | MFU |"
-            sep += "---|---|---|"
-        L += [hdr, sep]
+        cols = ["preset", "model", "batch x len", "vocab", "threads", "compile", "code",
+                "step (ms)", "p10-p90 (ms)", "tokens/s", "process peak RSS (MiB)",
+                "step extra peak (MiB)"] + (["GPU peak (MiB)", "TFLOP/s", "MFU"] if gpu else [])
+        L += _table(cols)
         for r in R["train"]:
             a = r["args"]
             if "error" in r:
-                L.append(f"| {a['preset']} | | | | {a['threads']} | {a.get('compile', 'off')} | "
-                         f"| {_err(r)} |")
+                L.append(_error_row(cols, r, [a["preset"], "", "", "", str(a["threads"]),
+                                              a.get("compile", "off")], 7))
                 continue
             for x in r["rows"]:
                 row = (f"| {x['preset']} | {x['model']} | {x['batch']} x {x['seq_len']} "
@@ -1055,12 +1069,13 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
         L += ["## Score entropy alone (GPT-2 vocabulary)", "",
               "Forward + backward of `graph.score_entropy` on a random (B, L, N+1) float32 "
               "log-score; before and after alternate in one process. *extra peak* = peak memory "
-              "above the inputs during the call (VmHWM on CPU, the allocator on GPU).", "",
-              "| graph | (B, L, dim) | one tensor (MiB) | code | time (ms) | extra peak (MiB) |",
-              "|---|---|---|---|---|---|"]
+              "above the inputs during the call (VmHWM on CPU, the allocator on GPU).", ""]
+        cols = ["graph", "(B, L, dim)", "one tensor (MiB)", "code", "time (ms)",
+                "extra peak (MiB)"]
+        L += _table(cols)
         for r in R["loss"]:
             if "error" in r:
-                L.append(f"| {r['args']['graph']} | | | | {_err(r)} | |")
+                L.append(_error_row(cols, r, [r["args"]["graph"]], 4))
                 continue
             for x in r["rows"]:
                 L.append(f"| {x['graph']} | {tuple(x['shape'])} | {_f(x['tensor_mb'], 0)} | "
@@ -1072,12 +1087,13 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
         L += ["## Sampling throughput", "",
               "`sample()` with a time-conditioned model (`exp(model(x, sigma_bar))`), "
               "random weights; tokens/s = batch x length / time of one whole sample call "
-              "(including the final denoising step).", "",
-              "| graph | model | vocab | batch x len | predictor | steps | code | time (s) | tokens/s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "(including the final denoising step).", ""]
+        cols = ["graph", "model", "vocab", "batch x len", "predictor", "steps", "code",
+                "time (s)", "tokens/s"]
+        L += _table(cols)
         for r in R["sample"]:
             if "error" in r:
-                L.append(f"| {r['args']['graph']} | | | | | | | {_err(r)} | |")
+                L.append(_error_row(cols, r, [r["args"]["graph"]], 7))
                 continue
             for row in r["rows"]:
                 L.append(f"| {r['graph']} | {r['model']} | {r['vocab']} | {r['batch']} x {r['length']} "
@@ -1099,9 +1115,8 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
         if "error" in r:
             L += [_err(r), ""]
         else:
-            L += ["| batch x len | steps | cache | plain (s) | cached (s) | speed-up | bound "
-                  "| network calls (rows) plain -> cached | same samples |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+            L += _table(["batch x len", "steps", "cache", "plain (s)", "cached (s)", "speed-up",
+                         "bound", "network calls (rows) plain -> cached", "same samples"])
             for row in r["rows"]:
                 same = "yes (bitwise)" if row["identical"] else f"{100 * row['token_agreement']:.2f} % of tokens"
                 L.append(f"| {row['batch']} x {row['length']} | {row['steps']} | {row['cache']} "
@@ -1126,18 +1141,18 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
               "*start-up* = from the call (`Trainer(...)`; `launch` after `ray.init`) to the "
               "trainer being ready to step; *end* = from the last step to the call's return "
               "(final evaluation, checkpoint, samples, and for Ray the report and the worker "
-              "group's shutdown); the study's *fixed* = its wall - training time.", "",
-              "| round | runner | wall (s) | loop step (ms) | step (ms) | loop ratio vs plain "
-              "| fastest-decile ratio | ray.init (s) | start-up (s) | end (s) "
-              "| tree peak RSS / PSS (MiB) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "group's shutdown); the study's *fixed* = its wall - training time.", ""]
+        cols = ["round", "runner", "wall (s)", "loop step (ms)", "step (ms)",
+                "loop ratio vs plain", "fastest-decile ratio", "ray.init (s)", "start-up (s)",
+                "end (s)", "tree peak RSS / PSS (MiB)"]
+        L += _table(cols)
         ov = _ray_overhead(R["ray"])
         ratio_of = {(x["runner"], x["args"]["round"]): x
                     for xs in ov["by_runner"].values() for x in xs}
         for x in R["ray"]:
             name, rnd = x.get("runner", x["task"]), x["args"].get("round", "")
             if "error" in x:
-                L.append(f"| {rnd} | {name} | {_err(x)} | | | | | | | | |")
+                L.append(_error_row(cols, x, [str(rnd), name], 2))
                 continue
             rx = ratio_of.get((name, rnd))
             ratio = f"**{rx['ratio']:.3f}**" if rx else "-"
@@ -1157,12 +1172,13 @@ def render(env: dict[str, Any], R: dict[str, Any], gpu: bool) -> str:
               "trials/hour = trials / wall time of `run_study` (Ray start-up included). Tree "
               "memory: the whole Ray process tree of the study (driver, GCS, raylet, "
               "dashboard, Tune driver and Train workers), summed; PSS counts shared pages once.",
-              "", "| concurrent | trials | steps/trial | finished | wall (s) | trials/hour "
-              "| tree peak RSS (MiB) | tree peak PSS (MiB) | processes |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              ""]
+        cols = ["concurrent", "trials", "steps/trial", "finished", "wall (s)", "trials/hour",
+                "tree peak RSS (MiB)", "tree peak PSS (MiB)", "processes"]
+        L += _table(cols)
         for x in R["study"]:
             if "error" in x:
-                L.append(f"| {x['args']['concurrent']} | | | | {_err(x)} | | | | |")
+                L.append(_error_row(cols, x, [str(x["args"]["concurrent"])], 4))
                 continue
             L.append(f"| {x['concurrent']} | {x['trials']} | {x['steps']} | {x['finished']} | "
                      f"{_f(x['wall_s'])} | **{_f(x['trials_per_hour'], 0)}** | "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,8 +11,29 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+@contextlib.contextmanager
+def multinode_cluster(head: dict[str, Any], workers: int = 2) -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster`` on this machine: a head started with ``head``
+    (its ``num_cpus``, ``resources``) and ``workers`` 1-CPU nodes, this process connected
+    to it; shut down on exit."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args=head)
+    for _ in range(workers):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
 
 
 def jsonl(path: Path) -> list[dict]:

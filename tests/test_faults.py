@@ -32,6 +32,7 @@ from raytools import (
     jsonl,
     kill_session,
     launch_in_thread,
+    multinode_cluster,
     plain_reference,
     weights_sha,
 )
@@ -193,18 +194,8 @@ def test_driver_killed_twice_resume_completes_every_trial_once(tmp_path):
 @pytest.fixture(scope="module")
 def cluster():
     """A head with the study's driver resource and no CPU, and two 1-CPU worker nodes."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True,
-                head_node_args={"num_cpus": 0, "resources": {"sedd_driver": 1000}})
-    for _ in range(2):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with multinode_cluster({"num_cpus": 0, "resources": {"sedd_driver": 1000}}) as c:
+        yield c
 
 
 @pytest.mark.ray

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_config
-from raytools import committed_steps, jsonl, launch_in_thread, plain_reference
+from raytools import (
+    committed_steps,
+    jsonl,
+    launch_in_thread,
+    multinode_cluster,
+    plain_reference,
+)
 
 from sedd_ray.launch import LaunchError, launch
 
@@ -20,17 +26,8 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def cluster():
     """Three nodes with one CPU each, shared by every test of this module."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    for _ in range(2):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with multinode_cluster({"num_cpus": 1}) as c:
+        yield c
 
 
 def _log(dir_: Path, rank: int) -> list[dict]:
