@@ -48,6 +48,7 @@ class LoadedModel:
                  progress: bool = False) -> list[str]:
         """``num_samples`` texts of ``length`` tokens; ``prefix``/``suffix`` are pinned."""
         from sedd_ray.diffusion import conditioning_from_prefix_suffix, model_score_fn, sample
+        from sedd_ray.trainer import bf16_autocast
 
         if length < 1:
             raise ValueError(f"--length must be >= 1, got {length}")
@@ -65,13 +66,12 @@ class LoadedModel:
         if pre or suf:
             fixed_mask, fixed_tokens = conditioning_from_prefix_suffix(pre, suf, length, num_samples)
         g = torch.Generator(device=device).manual_seed(seed)
-        # exp(model(x, sigma_bar)), (B, L, dim); a time-independent (RADD) absorbing model
-        # skips the network call when no token changed since the last one (same samples).
-        # the trained run's precision (auto: bf16 on GPU, fp32 on CPU), as its own samples
-        precision = self.cfg.train.precision
-        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
-        x = sample(model_score_fn(self.model, autocast=autocast), self.graph, self.noise, batch=num_samples, length=length, steps=steps,
+        # exp(model(x, sigma_bar)), (B, L, dim), in the trained run's precision; a
+        # time-independent (RADD) absorbing model skips the network call when no token
+        # changed since the last one (same samples).
+        score_fn = model_score_fn(self.model,
+                                  autocast=bf16_autocast(self.cfg.train.precision, device))
+        x = sample(score_fn, self.graph, self.noise, batch=num_samples, length=length, steps=steps,
                    predictor=predictor, denoise=True, eps=self.cfg.diffusion.sampling_eps,
                    generator=g, device=device, fixed_mask=fixed_mask, fixed_tokens=fixed_tokens,
                    progress=progress)

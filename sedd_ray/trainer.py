@@ -263,9 +263,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
         if _use_compile(t.compile, self.device):
             self.model = torch.compile(self.model)
-        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if use_bf16 else None)
+        self.autocast = bf16_autocast(t.precision, self.device)
         self.order = BatchOrder(bundle.train.shape[0], t.seed)
         self.step, self.tokens, self.best_val = 0, 0, math.inf
         self.resumed_from = 0
@@ -375,7 +373,7 @@ class Trainer:
     def _emit(self, metrics: dict[str, Any], checkpoint_dir: Path | None,
               report: bool = True) -> None:
         """Every row to metrics.jsonl and wandb (rank 0); to the report function when
-        ``report`` (the same on every rank) or a checkpoint comes with it."""
+        ``report``, which is the same on every rank and true whenever a checkpoint is written."""
         if self.is_main:
             self.history.append(metrics)
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -383,7 +381,7 @@ class Trainer:
             if self.wandb_run is not None:
                 self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                    step=metrics["step"])
-        if self.report_fn is not None and (report or checkpoint_dir is not None):
+        if self.report_fn is not None and report:
             self.report_fn(metrics, str(checkpoint_dir) if checkpoint_dir else None)
 
     def _init_wandb(self) -> None:
@@ -536,6 +534,13 @@ class Trainer:
         with open(self.out / "samples.jsonl", "a") as f:
             for s in texts:
                 f.write(json.dumps({"step": self.step, "text": s}) + "\n")
+
+
+def bf16_autocast(precision: str, device: torch.device) -> torch.autocast | None:
+    """The autocast context of ``train.precision`` on ``device`` (auto: bf16 on GPU,
+    float32 on CPU), or None for float32; training and sampling use the same."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
 
 
 def _use_compile(mode: str, device: torch.device) -> bool:
