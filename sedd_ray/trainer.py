@@ -24,6 +24,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -48,6 +49,7 @@ from sedd_ray.diffusion import (
 )
 from sedd_ray.model import ScoreModel, count_parameters
 
+PROGRESS_INTERVAL_NO_TTY_S = 10.0  # seconds between progress lines when stderr is no terminal
 TOKENIZER_FILE = "tokenizer.json"  # saved in every checkpoint: sampling needs no corpus
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
 
@@ -72,6 +74,7 @@ class TrainResult:
     n_params: int = 0
     n_params_non_embedding: int = 0
     wall_time_s: float = 0.0
+    started_at: float | None = None  # unix time at which the first step of this call began
     checkpoint_dir: str | None = None
     samples: list[str] = field(default_factory=list)
     resumed_from_step: int = 0
@@ -291,7 +294,7 @@ class Trainer:
         }
         return ckpt.save_checkpoint(
             self.ckpt_dir, self.step, self.state_dict(), meta, keep=self.cfg.train.keep_checkpoints,
-            extra_files={TOKENIZER_FILE: self.data.tokenizer.backend_tokenizer.to_str()},
+            extra_files={TOKENIZER_FILE: self.data.backend.to_str()},
         )
 
     def load(self, path: str | os.PathLike) -> None:
@@ -404,7 +407,7 @@ class Trainer:
         if resume:
             self.load(resume)
         self._init_wandb()
-        start_wall = time.perf_counter()
+        started_at, start_wall = time.time(), time.perf_counter()
         window_loss, window_steps = torch.zeros((), device=self.device), 0
         last_finite = (None, None)  # (step, loss)
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -415,7 +418,11 @@ class Trainer:
         if self.is_main and t.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True)
+            # Not a terminal (a Ray worker's stream, a log file): a line every 10 s, not one
+            # per redraw (Ray forwards each redraw of a worker's bar as a new console line).
+            tty = getattr(sys.stderr, "isatty", lambda: False)()
+            bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                       mininterval=0.1 if tty else PROGRESS_INTERVAL_NO_TTY_S)
         try:
             while self.step < t.steps:
                 loss, grad_norm = self._train_step()
@@ -466,7 +473,7 @@ class Trainer:
                     metrics.update(val_nll=nll, val_nll_stderr=se, val_ppl_bound=math.exp(min(nll, 700)),
                                    best_val_nll=self.best_val)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}",
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False,  # drawn at its pace
                                     **({"val": f"{metrics['val_nll']:.3f}"} if is_eval else {}))
                 if t.sample_every and self.step % t.sample_every == 0 and self.is_main:
                     self._write_samples(self.samples())
@@ -482,7 +489,7 @@ class Trainer:
                         last_report = time.perf_counter()
                 last_log_time, last_log_step = time.perf_counter(), self.step
             return self._finish(metrics if self.step > self.resumed_from else None, start_wall,
-                                last_ckpt)
+                                last_ckpt, started_at)
         finally:
             if bar is not None:
                 bar.close()
@@ -490,7 +497,7 @@ class Trainer:
                 self.wandb_run.finish()
 
     def _finish(self, metrics: dict[str, Any] | None, start_wall: float,
-                last_ckpt: Path | None) -> TrainResult:
+                last_ckpt: Path | None, started_at: float) -> TrainResult:
         t = self.cfg.train
         if metrics is None:  # resumed at the final step: just re-evaluate
             nll, se, _ = self.evaluate("val")
@@ -503,7 +510,7 @@ class Trainer:
             val_nll_stderr=metrics.get("val_nll_stderr"), val_ppl_bound=metrics.get("val_ppl_bound"),
             best_val_nll=self.best_val if math.isfinite(self.best_val) else None,
             n_params=self.params["total"], n_params_non_embedding=self.params["non_embedding"],
-            resumed_from_step=self.resumed_from,
+            resumed_from_step=self.resumed_from, started_at=started_at,
             data_meta={k: v for k, v in self.data.meta.items() if _jsonable(v)},
         )
         if t.test_draws > 0:

@@ -209,3 +209,14 @@ def test_tampered_checkpoint_is_refused(tmp_path, tiny_bundle):
         Trainer(tiny_config(steps=5), tmp_path, bundle=tiny_bundle).run(resume=True)
     meta = json.loads(open(os.path.join(res.checkpoint_dir, ckpt.META_FILE)).read())
     assert meta["files"][ckpt.STATE_FILE]  # the checksum lives in the metadata
+
+
+def test_progress_bar_off_a_terminal_draws_few_lines(tmp_path, tiny_bundle, capsys):
+    """A Ray worker's stderr is no terminal, and Ray forwards every redraw of a bar there as
+    a console line of its own: off a terminal the bar redraws at most every 10 s."""
+    cfg = tiny_config(steps=200, progress=True, ckpt_every=0, eval_every=200, log_every=50)
+    train(cfg, tmp_path / "run", bundle=tiny_bundle)
+    err = capsys.readouterr().err
+    draws = err.count("train:")
+    assert "200/200" in err  # the bar closes on the last step
+    assert 1 <= draws <= 4, err  # the opening and closing draws (+ one per 10 s elapsed)
