@@ -40,6 +40,12 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "WANDB_MODE", "WANDB_API_KEY",
     "WANDB_DIR", "SEDD_RAY_CACHE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
 )
+# The environment a local cluster that connect() starts is created with, each unless the user
+# set it: the raylet, and with it every process of the cluster (a study's trial drivers and
+# Ray Train controllers too), inherits it. Its one node is never drained or preempted, so
+# Ray Train's preemption watcher (an actor process per run: ~3 CPU-s to start on the 2-core
+# machines we measure on, and a core-worker error line on every run) has nothing to watch.
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # Tune overwrites these metric names (see RAY_NOTES); never report them.
 _RESERVED = {"pid", "hostname", "node_ip", "date", "timestamp", "done"}
 
@@ -223,7 +229,9 @@ def connect(address: str | None = None, resources: dict[str, float] | None = Non
 
     Ray's own default for no address also joins whatever cluster ``ray start`` last left
     on the machine (``/tmp/ray/ray_current_cluster``), possibly a stale one; here joining
-    an existing cluster is always explicit (``--address auto``).
+    an existing cluster is always explicit (``--address auto``). A new local cluster is
+    started with :data:`LOCAL_CLUSTER_ENV` (this process's own environment is left as it
+    was).
     """
     import ray
 
@@ -231,7 +239,8 @@ def connect(address: str | None = None, resources: dict[str, float] | None = Non
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address in (None, "local"):
-        ray.init(address="local", resources=resources, log_to_driver=True)
+        with _scoped_env({k: v for k, v in LOCAL_CLUSTER_ENV.items() if k not in os.environ}):
+            ray.init(address="local", resources=resources, log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True)
 
@@ -257,14 +266,21 @@ def _ray_train_env() -> Iterator[None]:
     values = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
                   "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))}
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
     try:
         from ray.train.v2._internal import constants
 
         constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
     except (ImportError, AttributeError):  # a Ray version without this internal: no-op
         pass
+    with _scoped_env(values):
+        yield
+
+
+@contextlib.contextmanager
+def _scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` inside the block, as it was afterwards."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:

@@ -126,3 +126,37 @@ def test_ray_train_console_lines_below_the_level_are_dropped(monkeypatch):
     monkeypatch.setenv("SEDD_RAY_TRAIN_LOG_LEVEL", "info")
     f = launch_mod._BelowLevelRayTrain(logging.getLevelName(launch_mod._train_log_level()))
     assert f.filter(record(path, logging.INFO, path))
+
+
+CONNECT_ENV = r"""
+import os, ray
+from sedd_ray.launch import connect
+
+@ray.remote(num_cpus=0)
+def seen():
+    return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+
+out = []
+for preset in (None, "1"):
+    if preset is not None:
+        os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = preset
+    connect("local")
+    out.append([ray.get(seen.remote()), os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")])
+    ray.shutdown()
+print(out)
+"""
+
+
+def test_a_local_cluster_runs_without_the_preemption_watcher(tmp_path):
+    """A cluster that connect() starts has one node that is never drained: its processes
+    (Ray Train's controllers among them) see RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0, the
+    driver's own environment is left alone, and a value the user set wins."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+    proc = subprocess.run([sys.executable, "-c", CONNECT_ENV], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[['0', None], ['1', '1']]"
