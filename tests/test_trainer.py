@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -133,7 +134,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str, cache: str) -> 
             ticks[0] += 0.004 if rank == 0 else 0.0
             return ticks[0]
 
-        trainer_mod.time = SimpleNamespace(perf_counter=clock)  # this spawned process only
+        # this spawned process only; the wall clock (TrainResult.started_at) stays real
+        trainer_mod.time = SimpleNamespace(perf_counter=clock, time=time.time)
         cfg = tiny_config(steps=40, ckpt_every=20, eval_every=20, log_every=2,
                           report_every_s=0.01)
         seen = []
@@ -215,7 +217,10 @@ def test_progress_bar_off_a_terminal_draws_few_lines(tmp_path, tiny_bundle, caps
     """A Ray worker's stderr is no terminal, and Ray forwards every redraw of a bar there as
     a console line of its own: off a terminal the bar redraws at most every 10 s."""
     cfg = tiny_config(steps=200, progress=True, ckpt_every=0, eval_every=200, log_every=50)
-    train(cfg, tmp_path / "run", bundle=tiny_bundle)
+    t0 = time.time()
+    res = train(cfg, tmp_path / "run", bundle=tiny_bundle)
+    # started_at is the wall clock of the first step: after the call, before its end
+    assert t0 < res.started_at < res.started_at + res.wall_time_s <= time.time()
     err = capsys.readouterr().err
     draws = err.count("train:")
     assert "200/200" in err  # the bar closes on the last step
