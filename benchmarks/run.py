@@ -954,14 +954,15 @@ def _ray_overhead(rows: list[dict[str, Any]]) -> dict[str, Any]:
         rnd = x["args"].get("round")
         if x["task"] == "plain_run" or rnd not in plain or rnd + 1 not in plain:
             continue
-        base = (plain[rnd]["loop_step_s"] + plain[rnd + 1]["loop_step_s"]) / 2
-        base_p10 = (plain[rnd]["loop_step_p10_s"] + plain[rnd + 1]["loop_step_p10_s"]) / 2
-        by_runner.setdefault(x["runner"], []).append(
-            {**x, "ratio": x["loop_step_s"] / base, "ratio_p10": x["loop_step_p10_s"] / base_p10})
-    for x in by_runner.get("ray_train", []):  # with start-up: whole runs, same steps
-        rnd = x["args"]["round"]
-        x["wall_ratio"] = x["wall_s"] / ((plain[rnd]["wall_s"] + plain[rnd + 1]["wall_s"]) / 2)
-        x["added_s"] = x["startup_s"] - (plain[rnd]["startup_s"] + plain[rnd + 1]["startup_s"]) / 2
+        def base(key: str, rnd: int = rnd) -> float:
+            return (plain[rnd][key] + plain[rnd + 1][key]) / 2
+
+        row = {**x, "ratio": x["loop_step_s"] / base("loop_step_s"),
+               "ratio_p10": x["loop_step_p10_s"] / base("loop_step_p10_s")}
+        if x["runner"] == "ray_train":  # with start-up: whole runs of the same steps
+            row.update(wall_ratio=x["wall_s"] / base("wall_s"),
+                       added_s=x["startup_s"] - base("startup_s"))
+        by_runner.setdefault(x["runner"], []).append(row)
     ps = list(plain.values())
     return {"by_runner": by_runner,
             "plain_startup_s": median([p["startup_s"] for p in ps]) if ps else None,
@@ -1034,8 +1035,8 @@ def headline(R: dict[str, Any], gpu: bool) -> list[str]:
     rt = ov["by_runner"].get("ray_train")
     if rt and ov["plain_startup_s"] is not None:
         m = {k: median([x[k] for x in rt]) for k in
-             ("startup_s", "added_s", "ray_init_s", "imports_s", "launch_s", "floor_s",
-              "warm_launch_s", "end_s", "wall_ratio")}
+             ("startup_s", "added_s", "ray_init_s", "imports_s", "floor_s", "warm_launch_s",
+              "end_s", "wall_ratio")}
         warm_added = m["imports_s"] + m["warm_launch_s"] - ov["plain_startup_s"]
         steps = rt[0]["args"]["steps"]
         L.append(f"- Ray Train's fixed cost per run, from `python` to the first training step "
@@ -1047,8 +1048,9 @@ def headline(R: dict[str, Any], gpu: bool) -> list[str]:
                  f"launch to first step {m['warm_launch_s']:.1f} s - plain; target < 10 s: "
                  f"{'met' if warm_added < 10 else 'NOT met'}). Ray Train's own floor on that "
                  f"cluster, `TorchTrainer.fit()` to the first line of an empty train function, "
-                 f"is **{m['floor_s']:.1f} s**: launch - floor = {m['warm_launch_s'] - m['floor_s']:.1f} s "
-                 f"is the trainer's own start-up inside the worker (plain: "
+                 f"is **{m['floor_s']:.1f} s**: warm launch - floor = "
+                 f"{m['warm_launch_s'] - m['floor_s']:.1f} s is the driver's data check and the "
+                 f"trainer's own start-up inside the worker (the plain trainer's: "
                  f"{ov['plain_init_s']:.1f} s). After the last step {m['end_s']:.1f} s "
                  f"(plain {ov['plain_end_s']:.1f} s).")
         L.append(f"- whole run of {steps} steps with start-up, ray_train / plain wall time: "
