@@ -232,8 +232,6 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "sedd-ray"
     progress: bool = True
-    # Fault injection for tests and drills: the loss of this step is made NaN (0 = never).
-    inject_nan_at: int = 0
 
     def validate(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
@@ -243,7 +241,7 @@ class TrainConfig:
             _check(isinstance(v, int) and v > 0, f"train.{k} must be a positive integer, got {v!r}; "
                    f"set {flag}")
         for k in ("test_draws", "test_sequences", "ckpt_every", "sample_every", "sample_count",
-                  "sample_length", "sample_steps", "seed", "inject_nan_at"):
+                  "sample_length", "sample_steps", "seed"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v >= 0, f"train.{k} must be an integer >= 0, got {v!r}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")

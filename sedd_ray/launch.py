@@ -39,6 +39,7 @@ HEALTH_CHECK_INTERVAL_S = 0.5
 FORWARDED_ENV = (
     "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "WANDB_MODE", "WANDB_API_KEY",
     "WANDB_DIR", "SEDD_RAY_CACHE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "SEDD_RAY_DRILL_NAN_AT", "SEDD_RAY_DRILL_NAN_IF",  # the NaN drill (sedd_ray.trainer)
 )
 # The environment a local cluster that connect() starts is created with, each unless the user
 # set it: the raylet, and with it every process of the cluster (a study's trial drivers and

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sedd_ray import checkpoint as ckpt
-from sedd_ray.config import RunConfig
+from sedd_ray.config import RunConfig, apply_params
 from sedd_ray.data import DataBundle, load_data
 from sedd_ray.diffusion import (
     elbo_nll,
@@ -169,6 +169,90 @@ class BatchOrder:
         return torch.tensor(out, dtype=torch.long)
 
 
+# --- between two log points ----------------------------------------------------------------
+
+@dataclass
+class _LogWindow:
+    """What the loop gathers between two log points, kept on the device (no host sync per
+    step): the summed finite loss, the first step whose loss was not finite, and the clocks
+    (``time.perf_counter``) of the run's start, the last log row and the last report."""
+
+    loss: torch.Tensor  # () summed finite loss (nats/token) since the last log row
+    bad_step: torch.Tensor  # () long: first non-finite step since the start, -1 if none
+    steps: int
+    start_wall: float
+    last_log_time: float
+    last_log_step: int
+    last_report: float
+    last_finite: tuple[int | None, float | None] = (None, None)  # (step, loss) of the last row
+
+    @classmethod
+    def start(cls, device: torch.device, step: int) -> _LogWindow:
+        start_wall = time.perf_counter()
+        last_log_time = time.perf_counter()
+        return cls(torch.zeros((), device=device),
+                   torch.full((), -1, dtype=torch.long, device=device), 0,
+                   start_wall, last_log_time, step, last_log_time)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(loss)
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite,  # full_like: no host sync
+                                    torch.full_like(self.bad_step, step), self.bad_step)
+        self.loss += torch.where(finite, loss, torch.zeros_like(loss))
+        self.steps += 1
+
+    def reset(self, step: int, mean_loss: float) -> None:
+        """A log row was made at ``step`` with ``mean_loss``: start a new window."""
+        self.last_finite = (step, round(mean_loss, 6))
+        self.loss.zero_()
+        self.steps = 0
+
+    def logged(self, step: int) -> None:
+        self.last_log_time, self.last_log_step = time.perf_counter(), step
+
+    def non_finite_error(self, step: int) -> NonFiniteLossError:
+        where = int(self.bad_step.item()) if self.bad_step.item() >= 0 else step
+        return NonFiniteLossError(
+            f"training loss became non-finite (nan/inf) at step {where}; last finite "
+            f"loss {self.last_finite[1]} nats/token at step {self.last_finite[0]}. Lower --lr, "
+            "check the data, or enable gradient clipping."
+        )
+
+
+def _show_progress(bar: Any, metrics: dict[str, Any]) -> None:
+    if bar is not None:
+        val = {"val": f"{metrics['val_nll']:.3f}"} if "val_nll" in metrics else {}
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", refresh=False, **val)  # drawn at its pace
+
+
+# --- the NaN drill -------------------------------------------------------------------------
+# A drill for operators (and the fault tests), not a setting: with SEDD_RAY_DRILL_NAN_AT=<step>
+# in the environment the training loss of that step is made NaN, so the run stops at the next
+# log point as it would on a real divergence (a study records the trial as an error and goes
+# on). SEDD_RAY_DRILL_NAN_IF='{"lr": 0.0025}' (JSON; keys as for --set or a study's params)
+# limits it to the runs whose config holds those values, e.g. one trial of a study. Ray
+# workers get both from the driver (launch.FORWARDED_ENV). Neither is a config field, a flag
+# or a Parquet column.
+DRILL_NAN_AT = "SEDD_RAY_DRILL_NAN_AT"
+DRILL_NAN_IF = "SEDD_RAY_DRILL_NAN_IF"
+
+
+def drill_nan_step(cfg: RunConfig) -> int:
+    """The step whose loss the NaN drill makes NaN in a run of ``cfg``; 0 = none."""
+    at, where = os.environ.get(DRILL_NAN_AT, "").strip(), os.environ.get(DRILL_NAN_IF, "")
+    if not at:
+        return 0
+    try:
+        step, select = int(at), json.loads(where or "{}")
+        if not isinstance(select, dict):
+            raise ValueError("it must be a JSON object")
+        selected = apply_params(cfg, select).to_dict() == cfg.to_dict()
+    except ValueError as err:  # ConfigError and JSONDecodeError are ValueErrors
+        raise ValueError(f"bad NaN drill {DRILL_NAN_AT}={at!r} {DRILL_NAN_IF}={where!r}: {err}; "
+                         "fix or unset them") from None
+    return step if selected else 0
+
+
 # --- evaluation ----------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -221,24 +305,10 @@ class Trainer:
         self.device = device or resolve_device(cfg.train.device)
         self.run_name, self.group = run_name, group
         t = cfg.train
-        per_rank = t.batch_size // self.world
-        if t.batch_size % (self.world * t.grad_accum):
-            raise ValueError(
-                f"batch_size {t.batch_size} must be divisible by world_size x grad_accum = "
-                f"{self.world} x {t.grad_accum}; change --batch-size or --grad-accum"
-            )
-        self.micro = per_rank // t.grad_accum
+        self.micro = self._micro_batch()
         if self.is_main:  # an impossible output folder fails now, creating nothing
             ckpt.precheck_writable_dir(self.out)
-
-        # Data: rank 0 builds the cache first, the others then read it.
-        if bundle is None:
-            if self.is_main:
-                bundle = load_data(cfg.data, seed=t.seed, progress=t.progress)
-            if self.world > 1:
-                dist.barrier()
-            if not self.is_main:
-                bundle = load_data(cfg.data, seed=t.seed)
+        bundle = self._load_data() if bundle is None else bundle
         self.data = bundle
         if self.is_main:  # only once the data is good: a bad corpus leaves no folder behind
             ckpt.ensure_writable_dir(self.out)  # read-only or full disk: fails before step 1
@@ -249,17 +319,44 @@ class Trainer:
             if d.noise == "geometric" else get_noise(d.noise)
         )
         torch.manual_seed(_derive_seed(t.seed, 1))  # identical initial weights on all ranks
-        self.raw_model = ScoreModel(cfg.model, self.graph).to(self.device)
+        self._build_model()
+        self._build_optimizer()
+        self._wrap_model()
+        self.order = BatchOrder(bundle.train.shape[0], t.seed)
+        self.step, self.tokens, self.best_val = 0, 0, math.inf
+        self.resumed_from = 0
+        self.history: list[dict[str, Any]] = []
+        self.wandb_run = None
+        self.nan_drill_step = drill_nan_step(cfg)
+
+    def _micro_batch(self) -> int:
+        """Sequences per rank per forward pass: the global batch over ranks and accumulation."""
+        t = self.cfg.train
+        if t.batch_size % (self.world * t.grad_accum):
+            raise ValueError(
+                f"batch_size {t.batch_size} must be divisible by world_size x grad_accum = "
+                f"{self.world} x {t.grad_accum}; change --batch-size or --grad-accum"
+            )
+        return t.batch_size // self.world // t.grad_accum
+
+    def _load_data(self) -> DataBundle:
+        """Rank 0 builds the cache first (with a progress bar), the others then read it."""
+        data, seed = self.cfg.data, self.cfg.train.seed
+        bundle = load_data(data, seed=seed, progress=self.cfg.train.progress) if self.is_main else None
+        if self.world > 1:
+            dist.barrier()
+        return bundle if self.is_main else load_data(data, seed=seed)
+
+    def _build_model(self) -> None:
+        """The model (on the device) and its EMA copy."""
+        self.raw_model = ScoreModel(self.cfg.model, self.graph).to(self.device)
         self.ema = copy.deepcopy(self.raw_model).requires_grad_(False).eval()
         self.params = count_parameters(self.raw_model)
-        self.opt = torch.optim.AdamW(
-            self.raw_model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-        )
-        o = cfg.optim
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.cosine, o.min_lr_ratio)
-        )
+
+    def _wrap_model(self) -> None:
+        """The module the loop calls: DDP-wrapped over ranks, compiled where that pays off;
+        and the autocast context training and sampling share."""
+        t = self.cfg.train
         self.model: nn.Module = self.raw_model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -267,11 +364,17 @@ class Trainer:
         if _use_compile(t.compile, self.device):
             self.model = torch.compile(self.model)
         self.autocast = bf16_autocast(t.precision, self.device)
-        self.order = BatchOrder(bundle.train.shape[0], t.seed)
-        self.step, self.tokens, self.best_val = 0, 0, math.inf
-        self.resumed_from = 0
-        self.history: list[dict[str, Any]] = []
-        self.wandb_run = None
+
+    def _build_optimizer(self) -> None:
+        """AdamW and its learning-rate schedule (warm-up, then constant or cosine)."""
+        o, steps = self.cfg.optim, self.cfg.train.steps
+        self.opt = torch.optim.AdamW(
+            self.raw_model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+            eps=o.eps, weight_decay=o.weight_decay,
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, o.warmup_steps, steps, o.cosine, o.min_lr_ratio)
+        )
 
     # -- checkpoints --
     def state_dict(self) -> dict[str, Any]:
@@ -335,8 +438,8 @@ class Trainer:
                                              eps_t=cfg.diffusion.eps_t,
                                              antithetic=cfg.diffusion.antithetic, generator=g)
                 loss = per_seq.mean() / t.grad_accum
-                if t.inject_nan_at and self.step + 1 == t.inject_nan_at:
-                    loss = loss * float("nan")  # fault injection (tests, drills)
+                if self.step + 1 == self.nan_drill_step:
+                    loss = loss * float("nan")  # the NaN drill (SEDD_RAY_DRILL_NAN_AT)
             loss.backward()
             loss_sum += loss.detach()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -402,109 +505,114 @@ class Trainer:
         """Train to ``cfg.train.steps``; resume from ``resume`` (a checkpoint dir) or, when
         True, from ``output_dir/checkpoints/latest.json`` if present."""
         t = self.cfg.train
-        if resume is True:
-            resume = ckpt.latest_checkpoint(self.ckpt_dir)
-        if resume:
-            self.load(resume)
+        self._resume(resume)
         self._init_wandb()
-        started_at, start_wall = time.time(), time.perf_counter()
-        window_loss, window_steps = torch.zeros((), device=self.device), 0
-        last_finite = (None, None)  # (step, loss)
-        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        last_log_time, last_log_step = time.perf_counter(), self.step
-        last_report = last_log_time
-        last_ckpt: Path | None = None
-        bar = None
-        if self.is_main and t.progress:
-            from tqdm.auto import tqdm
-
-            # Not a terminal (a Ray worker's stream, a log file): a line every 10 s, not one
-            # per redraw (Ray forwards each redraw of a worker's bar as a new console line).
-            tty = getattr(sys.stderr, "isatty", lambda: False)()
-            bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                       mininterval=0.1 if tty else PROGRESS_INTERVAL_NO_TTY_S)
+        started_at = time.time()
+        window = _LogWindow.start(self.device, self.step)
+        bar = self._progress_bar()
+        metrics: dict[str, Any] | None = None
         try:
             while self.step < t.steps:
                 loss, grad_norm = self._train_step()
-                finite = torch.isfinite(loss)
-                bad_step = torch.where((bad_step < 0) & ~finite,  # full_like: no host sync
-                                       torch.full_like(bad_step, self.step), bad_step)
-                window_loss += torch.where(finite, loss, torch.zeros_like(loss))
-                window_steps += 1
+                window.add(loss, self.step)
                 if bar is not None:
                     bar.update(1)
-                is_log = self.step % t.log_every == 0 or self.step == t.steps
-                is_eval = self.step % t.eval_every == 0 or self.step == t.steps
-                is_ckpt = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps
+                is_log, is_eval, is_ckpt = self._due()
                 if not (is_log or is_eval or is_ckpt):
                     continue
-                now = time.perf_counter()
-                # One all-reduce per log point: any rank's non-finite loss, the window's
-                # loss, and rank 0's clock deciding whether a plain log row is reported, for
-                # every rank alike (each report is a barrier in Ray Train).
-                due = self.is_main and now - last_report >= t.report_every_s
-                bad, loss_sum, due_sum = _all_reduce_sum(
-                    [float(bad_step.item() >= 0), window_loss.item() / max(window_steps, 1),
-                     float(due)], self.device)
-                if bad:
-                    where = int(bad_step.item()) if bad_step.item() >= 0 else self.step
-                    raise NonFiniteLossError(
-                        f"training loss became non-finite (nan/inf) at step {where}; last finite "
-                        f"loss {last_finite[1]} nats/token at step {last_finite[0]}. Lower --lr, "
-                        "check the data, or enable gradient clipping."
-                    )
-                steps_done = self.step - last_log_step
-                mean_loss = loss_sum / self.world
-                report = bool(due_sum) or is_eval or is_ckpt
-                last_finite = (self.step, round(mean_loss, 6))
-                metrics: dict[str, Any] = {
-                    "step": self.step, "tokens": self.tokens, "train_loss": mean_loss,
-                    "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                    "step_time_s": (now - last_log_time) / max(steps_done, 1),
-                    "tokens_per_s": steps_done * t.batch_size * self.cfg.data.seq_len / max(now - last_log_time, 1e-9),
-                    "peak_mem_mb": peak_memory_mb(self.device),
-                    "time_s": now - start_wall,
-                }
-                window_loss.zero_()
-                window_steps = 0
+                metrics, report = self._log_row(window, grad_norm)
+                report = report or is_eval or is_ckpt
                 if is_eval:
-                    nll, se, _ = self.evaluate("val")
-                    self.best_val = min(self.best_val, nll)
-                    metrics.update(val_nll=nll, val_nll_stderr=se, val_ppl_bound=math.exp(min(nll, 700)),
-                                   best_val_nll=self.best_val)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False,  # drawn at its pace
-                                    **({"val": f"{metrics['val_nll']:.3f}"} if is_eval else {}))
+                    metrics.update(self._validate())
+                _show_progress(bar, metrics)
                 if t.sample_every and self.step % t.sample_every == 0 and self.is_main:
                     self._write_samples(self.samples())
-                written = None
-                if is_ckpt and self.step < t.steps:
-                    if self.is_main:
-                        written = last_ckpt = self.save()
-                    if self.world > 1:
-                        dist.barrier()
-                if self.step < t.steps:
+                written = self._checkpoint() if is_ckpt and self.step < t.steps else None
+                if self.step < t.steps:  # the final row is emitted by _finish
                     self._emit(metrics, written, report=report)
                     if report:
-                        last_report = time.perf_counter()
-                last_log_time, last_log_step = time.perf_counter(), self.step
-            return self._finish(metrics if self.step > self.resumed_from else None, start_wall,
-                                last_ckpt, started_at)
+                        window.last_report = time.perf_counter()
+                window.logged(self.step)
+            return self._finish(metrics if self.step > self.resumed_from else None,
+                                window.start_wall, started_at)
         finally:
             if bar is not None:
                 bar.close()
             if self.wandb_run is not None:
                 self.wandb_run.finish()
 
+    def _resume(self, resume: str | os.PathLike | bool) -> None:
+        if resume is True:
+            resume = ckpt.latest_checkpoint(self.ckpt_dir)
+        if resume:
+            self.load(resume)
+
+    def _progress_bar(self) -> Any:
+        """A tqdm bar on rank 0 when ``train.progress``, else None."""
+        if not (self.is_main and self.cfg.train.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        # Not a terminal (a Ray worker's stream, a log file): a line every 10 s, not one
+        # per redraw (Ray forwards each redraw of a worker's bar as a new console line).
+        tty = getattr(sys.stderr, "isatty", lambda: False)()
+        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train",
+                    dynamic_ncols=True, mininterval=0.1 if tty else PROGRESS_INTERVAL_NO_TTY_S)
+
+    def _due(self) -> tuple[bool, bool, bool]:
+        """Whether the step just taken logs, evaluates, checkpoints (the last one does all)."""
+        t, step = self.cfg.train, self.step
+        last = step == t.steps
+        return (step % t.log_every == 0 or last, step % t.eval_every == 0 or last,
+                bool(t.ckpt_every and step % t.ckpt_every == 0) or last)
+
+    def _log_row(self, window: _LogWindow, grad_norm: torch.Tensor) -> tuple[dict[str, Any], bool]:
+        """The log row of this step, and whether rank 0's clock says a plain row is due for
+        the report function; raises NonFiniteLossError if any rank's loss was not finite.
+
+        One all-reduce per log point: any rank's non-finite loss, the window's loss, and
+        rank 0's clock deciding whether a plain log row is reported, for every rank alike
+        (each report is a barrier in Ray Train)."""
+        t = self.cfg.train
+        now = time.perf_counter()
+        due = self.is_main and now - window.last_report >= t.report_every_s
+        bad, loss_sum, due_sum = _all_reduce_sum(
+            [float(window.bad_step.item() >= 0), window.loss.item() / max(window.steps, 1),
+             float(due)], self.device)
+        if bad:
+            raise window.non_finite_error(self.step)
+        steps_done = self.step - window.last_log_step
+        elapsed = now - window.last_log_time
+        mean_loss = loss_sum / self.world
+        window.reset(self.step, mean_loss)
+        return {
+            "step": self.step, "tokens": self.tokens, "train_loss": mean_loss,
+            "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "step_time_s": elapsed / max(steps_done, 1),
+            "tokens_per_s": steps_done * t.batch_size * self.cfg.data.seq_len / max(elapsed, 1e-9),
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "time_s": now - window.start_wall,
+        }, bool(due_sum)
+
+    def _validate(self) -> dict[str, float]:
+        """Evaluate the validation bound and update the best value; the metrics it adds."""
+        nll, se, _ = self.evaluate("val")
+        self.best_val = min(self.best_val, nll)
+        return {"val_nll": nll, "val_nll_stderr": se, "val_ppl_bound": math.exp(min(nll, 700)),
+                "best_val_nll": self.best_val}
+
+    def _checkpoint(self) -> Path | None:
+        """Rank 0 writes a checkpoint (its folder is returned there), every rank waits."""
+        written = self.save() if self.is_main else None
+        if self.world > 1:
+            dist.barrier()
+        return written
+
     def _finish(self, metrics: dict[str, Any] | None, start_wall: float,
-                last_ckpt: Path | None, started_at: float) -> TrainResult:
+                started_at: float) -> TrainResult:
         t = self.cfg.train
         if metrics is None:  # resumed at the final step: just re-evaluate
-            nll, se, _ = self.evaluate("val")
-            self.best_val = min(self.best_val, nll)
-            metrics = {"step": self.step, "tokens": self.tokens, "val_nll": nll,
-                       "val_nll_stderr": se, "val_ppl_bound": math.exp(min(nll, 700)),
-                       "best_val_nll": self.best_val}
+            metrics = {"step": self.step, "tokens": self.tokens, **self._validate()}
         result = TrainResult(
             step=self.step, tokens_seen=self.tokens, val_nll=metrics.get("val_nll"),
             val_nll_stderr=metrics.get("val_nll_stderr"), val_ppl_bound=metrics.get("val_ppl_bound"),

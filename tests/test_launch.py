@@ -87,10 +87,13 @@ def test_killed_worker_resumes_from_checkpoint_and_matches(cluster, tmp_path):
         (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
 
 
-def test_failed_run_exits_nonzero_with_the_worker_error(cluster, tmp_path, capsys):
+def test_failed_run_exits_nonzero_with_the_worker_error(cluster, tmp_path, capsys, monkeypatch):
     from sedd_ray.train import main
 
-    rc = main(["--preset", "tiny", "--steps", "10", "--set", "train.inject_nan_at=3",
+    # The NaN drill at step 3: the cluster is already up, so it reaches the worker through
+    # launch's forwarded environment.
+    monkeypatch.setenv("SEDD_RAY_DRILL_NAN_AT", "3")
+    rc = main(["--preset", "tiny", "--steps", "10",
                "--vocab-size", "300", "--seq-len", "32", "--max-failures", "0",
                "--storage", str(tmp_path), "--progress", "false", "--name", "nan-run"])
     assert rc == 1

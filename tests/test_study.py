@@ -26,26 +26,35 @@ FIXED = {"steps": 40, "log_every": 5, "eval_every": 10, "ckpt_every": 20, "vocab
          "report_every_s": 1e9}
 
 
+# The one trial whose loss the NaN drill turns NaN at step 7 (sedd_ray.trainer.DRILL_NAN_AT):
+# picked by its learning rate, which no other trial has.
+NAN_LR = 2.5e-3
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
-    ray.init(address="local", num_cpus=2, resources={"sedd_driver": 1000})
-    yield
-    ray.shutdown()
+    # The drill is armed before ray.init: every process of the cluster inherits it.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SEDD_RAY_DRILL_NAN_AT", "7")
+        env.setenv("SEDD_RAY_DRILL_NAN_IF", json.dumps({"lr": NAN_LR}))
+        ray.init(address="local", num_cpus=2, resources={"sedd_driver": 1000})
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def study(ray_cluster, tmp_path_factory):
-    """4 trials over {uniform, absorb} x {geometric, loglinear} plus one whose loss turns
-    NaN at step 7; 2 concurrent; ASHA on. Parquet is read in a loop while it is written."""
+    """4 trials over {uniform, absorb} x {geometric, loglinear} plus one whose loss the NaN
+    drill turns NaN at step 7; 2 concurrent; ASHA on. Parquet is read in a loop while it is written."""
     storage = tmp_path_factory.mktemp("studies")
     spec = StudySpec(
         name="grid", base="tiny", fixed=FIXED, num_trials=5, asha=True, grace_period=10,
         space={"graph": Choice(["uniform", "absorb"]), "noise": Choice(["geometric", "loglinear"]),
-               "lr": Float(1e-3, 3e-3, log=True), "inject_nan_at": Choice([0, 7])},
-        points=[{**c, "lr": 2e-3, "inject_nan_at": 0} for c in COMBOS]
-        + [{"graph": "absorb", "noise": "loglinear", "lr": 2e-3, "inject_nan_at": 7}],
+               "lr": Float(1e-3, 3e-3, log=True)},
+        points=[{**c, "lr": 2e-3} for c in COMBOS]
+        + [{"graph": "absorb", "noise": "loglinear", "lr": NAN_LR}],
         max_concurrent=2, seeds=[0, 1],
     )
     # Another process reads the Parquet in a loop while the study writes it.
@@ -84,7 +93,7 @@ def test_one_row_per_trial_with_statuses(study):
     assert study_dir == f"{storage}/grid"
     df = read_trials(storage, "grid")
     assert len(df) == 5 and df["trial_id"].is_unique
-    ok = df[df["inject_nan_at"] == 0]
+    ok = df[df["lr"] != NAN_LR]
     assert sorted(zip(ok["graph"], ok["noise"])) == sorted((c["graph"], c["noise"]) for c in COMBOS)
     assert set(ok["status"]) <= {"terminated", "stopped_early"}
     assert (ok["status"] == "terminated").any()
@@ -100,7 +109,7 @@ def test_one_row_per_trial_with_statuses(study):
 def test_failing_trial_is_recorded_with_its_reason(study):
     storage, _, _ = study
     df = read_trials(storage, "grid")
-    bad = df[df["inject_nan_at"] == 7]
+    bad = df[df["lr"] == NAN_LR]
     assert len(bad) == 1
     row = bad.iloc[0]
     assert row["status"] == "error"

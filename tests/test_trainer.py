@@ -14,7 +14,7 @@ from conftest import tiny_config
 
 from sedd_ray import checkpoint as ckpt
 from sedd_ray import trainer as trainer_mod
-from sedd_ray.trainer import NonFiniteLossError, Trainer, train
+from sedd_ray.trainer import NonFiniteLossError, Trainer, drill_nan_step, train
 
 
 class Stop(Exception):
@@ -105,6 +105,25 @@ def test_nan_loss_stops_with_step_and_last_finite_loss(tmp_path, tiny_bundle, mo
     monkeypatch.setattr(trainer_mod, "score_entropy_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"at step 13; last finite loss [0-9.]+ nats/token at step 10"):
         train(tiny_config(steps=40), tmp_path, bundle=tiny_bundle)
+
+
+def test_nan_drill_poisons_only_the_runs_it_selects(tmp_path, tiny_bundle, monkeypatch):
+    """SEDD_RAY_DRILL_NAN_AT (+ _IF, a JSON selector) is an environment-only drill: no config
+    field, flag or Parquet column; it stops the selected runs as a real NaN would."""
+    monkeypatch.setenv("SEDD_RAY_DRILL_NAN_AT", "7")
+    monkeypatch.setenv("SEDD_RAY_DRILL_NAN_IF", json.dumps({"graph": "absorb", "lr": 2.5e-3}))
+    assert drill_nan_step(tiny_config(graph="absorb", lr=2.5e-3)) == 7
+    assert drill_nan_step(tiny_config(graph="uniform", lr=2.5e-3)) == 0
+    assert drill_nan_step(tiny_config(graph="absorb", lr=2e-3)) == 0
+    assert not any("nan" in k for k in tiny_config().flat())
+    cfg = tiny_config(graph="absorb", lr=2.5e-3, steps=10, eval_every=10, ckpt_every=10)
+    with pytest.raises(NonFiniteLossError, match=r"at step 7; last finite loss [0-9.]+ nats/token at step 5"):
+        train(cfg, tmp_path / "drill", bundle=tiny_bundle)
+    monkeypatch.delenv("SEDD_RAY_DRILL_NAN_IF")
+    assert drill_nan_step(tiny_config(graph="uniform")) == 7  # no selector: every run
+    monkeypatch.setenv("SEDD_RAY_DRILL_NAN_IF", "lr=1")
+    with pytest.raises(ValueError, match="bad NaN drill"):
+        drill_nan_step(tiny_config())
 
 
 def test_validation_bound_falls_with_training(tmp_path, tiny_bundle):
