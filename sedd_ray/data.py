@@ -646,55 +646,119 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
     source = resolve_corpus(cfg.corpus)
     if source.synthetic is not None:
         return _load_synthetic(cfg, source, seed)
+    tok_spec = _tokenizer_spec(cfg, source, seed)
+    key = _hash({**tok_spec, "seq_len": cfg.seq_len, "max_train_tokens": cfg.max_train_tokens})
+    final = cache_root(cfg) / "blocks" / key
+    if (final / "meta.json").is_file():
+        return _load_cached(final)
+    _check_train_cap(cfg)
+    t0 = time.perf_counter()
+    texts = _read_and_split(cfg, source, seed, progress)  # 1. read and split
+    tok_path = cache_root(cfg) / "tokenizers" / f"bpe-{_hash(tok_spec)}.json"
+    tok = _text_tokenizer(cfg, source, texts.by_split["train"], tok_path, progress)  # 2.
+    t_tok = time.perf_counter()
+    packed = _tokenize_and_pack(cfg, source, tok, texts.by_split, progress)  # 3. pack
+    t_end = time.perf_counter()
+    meta = _text_meta(cfg, source, texts, tok, packed, key)
+    meta["build_seconds"] = {"read_split_tokenizer": round(t_tok - t0, 3),
+                             "tokenize_pack": round(t_end - t_tok, 3)}
+    # 4. write (only now: every check above has passed)
+    if tok.new_json is not None:
+        _write_file_atomic(tok_path, tok.new_json)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
+    _write_blocks(final, packed.blocks, dtype, tok.new_json or tok.backend.to_str(), meta)
+    log.info("built %s with %s in %.1fs: %s blocks -> %s", source.spec, cfg.tokenizer,
+             t_end - t0, meta["n_blocks"], final)
+    return _bundle(
+        {s: torch.from_numpy(packed.blocks[s].astype(np.int64)) for s in SPLITS},
+        tok.backend, {**meta, "cache_hit": False, "cache_path": str(final)},
+    )
+
+
+def _tokenizer_spec(cfg: DataConfig, source: Source, seed: int) -> dict[str, Any]:
+    """What decides the split and the tokenizer (its hash names a trained BPE; with
+    ``seq_len`` and ``max_train_tokens`` it names the blocks)."""
     split_spec = (
         {"given": True} if source.presplit else
         {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": seed}
     )
-    tok_spec = {"v": CODE_VERSION, "corpus": source.identity, "split": split_spec,
-                "tokenizer": cfg.tokenizer,
-                "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None}
-    key = _hash({**tok_spec, "seq_len": cfg.seq_len, "max_train_tokens": cfg.max_train_tokens})
-    root = cache_root(cfg)
-    final = root / "blocks" / key
-    if (final / "meta.json").is_file():
-        return _load_cached(final)
+    return {"v": CODE_VERSION, "corpus": source.identity, "split": split_spec,
+            "tokenizer": cfg.tokenizer,
+            "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None}
+
+
+def _check_train_cap(cfg: DataConfig) -> None:
     if 0 < cfg.max_train_tokens < cfg.seq_len:
         raise DataError(f"data.max_train_tokens {cfg.max_train_tokens} is fewer than one block "
                         f"of seq_len {cfg.seq_len}; raise it or set 0 (all)")
 
-    t0 = time.perf_counter()
-    # 1. read and split
+
+@dataclass
+class _Texts:
+    """A text corpus read and split: the segments of each split (each packed with an EOS
+    after it), and what the meta records about them."""
+
+    by_split: dict[str, list[str]]
+    n_documents: int
+    split_info: dict[str, Any]
+    ranges: dict[str, list[list[Any]]] | None  # {split: [[doc name, start, end], ...]}
+    n_bytes: dict[str, int]
+
+
+def _read_and_split(cfg: DataConfig, source: Source, seed: int, progress: bool) -> _Texts:
+    """Read the corpus, split it (its own splits, or :func:`split_documents`), and refuse a
+    split that cannot hold one block even at one byte per token."""
     docs = source.read(progress)
-    if source.presplit:
-        assert isinstance(docs, dict)
-        names = [n for s in SPLITS for n, _ in docs[s]]
-        texts = {s: [t for _, t in docs[s] if t.strip()] for s in SPLITS}
-        ranges_meta = None
-        split_info: dict[str, Any] = {"method": "given"}
-        if not any(texts.values()):
-            raise DataError(f"corpus {source.spec} is empty: its documents hold no text")
-    else:
-        assert isinstance(docs, list)
-        docs = [(n, t) for n, t in docs if t.strip()]
-        if not docs:
-            raise DataError(f"corpus {source.spec} is empty: its files hold no text")
-        names = [n for n, _ in docs]
-        ranges, split_info = split_documents(
-            [t for _, t in docs], cfg.val_fraction, cfg.test_fraction, seed
-        )
-        split_info = {"method": "ranges", "seed": seed, "val_fraction": cfg.val_fraction,
-                      "test_fraction": cfg.test_fraction, **split_info}
-        texts = {s: [docs[d][1][a:b] for d, a, b in r] for s, r in ranges.items()}
-        ranges_meta = {s: [[names[d], a, b] for d, a, b in r] for s, r in ranges.items()}
-    n_bytes = {s: sum(len(t.encode("utf-8")) for t in texts[s]) for s in SPLITS}
+    texts = _given_splits(source, docs) if source.presplit else _split(cfg, source, docs, seed)
     for s in SPLITS:  # a byte-level token covers >= 1 byte: a cheap bound before any work
-        bound = n_bytes[s] + len(texts[s])
+        bound = texts.n_bytes[s] + len(texts.by_split[s])
         if bound < cfg.seq_len:
             raise _too_short(source.spec, s, bound, cfg.seq_len, at_most=True)
+    return texts
 
-    # 2. tokenizer
-    tok_path = root / "tokenizers" / f"bpe-{_hash(tok_spec)}.json"
-    new_tok_json = None
+
+def _given_splits(source: Source, docs: Any) -> _Texts:
+    assert isinstance(docs, dict)
+    by_split = {s: [t for _, t in docs[s] if t.strip()] for s in SPLITS}
+    if not any(by_split.values()):
+        raise DataError(f"corpus {source.spec} is empty: its documents hold no text")
+    return _Texts(by_split, sum(len(docs[s]) for s in SPLITS), {"method": "given"}, None,
+                  _bytes(by_split))
+
+
+def _split(cfg: DataConfig, source: Source, docs: Any, seed: int) -> _Texts:
+    assert isinstance(docs, list)
+    docs = [(n, t) for n, t in docs if t.strip()]
+    if not docs:
+        raise DataError(f"corpus {source.spec} is empty: its files hold no text")
+    names = [n for n, _ in docs]
+    ranges, info = split_documents([t for _, t in docs], cfg.val_fraction, cfg.test_fraction,
+                                   seed)
+    info = {"method": "ranges", "seed": seed, "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction, **info}
+    by_split = {s: [docs[d][1][a:b] for d, a, b in r] for s, r in ranges.items()}
+    ranges_meta = {s: [[names[d], a, b] for d, a, b in r] for s, r in ranges.items()}
+    return _Texts(by_split, len(names), info, ranges_meta, _bytes(by_split))
+
+
+def _bytes(by_split: dict[str, list[str]]) -> dict[str, int]:
+    return {s: sum(len(t.encode("utf-8")) for t in by_split[s]) for s in SPLITS}
+
+
+@dataclass
+class _TextTokenizer:
+    backend: Tokenizer
+    source: str  # where it came from, for meta["tokenizer_source"]
+    new_json: str | None  # a BPE trained now, to be cached once every check has passed
+    eos_id: int
+    vocab_size: int
+
+
+def _text_tokenizer(cfg: DataConfig, source: Source, train_texts: list[str], tok_path: Path,
+                    progress: bool) -> _TextTokenizer:
+    """GPT-2's tokenizer, or the BPE of this corpus and split (cached at ``tok_path``, else
+    trained on ``train_texts``); it must name EOS."""
+    new_json = None
     if cfg.tokenizer == "gpt2":
         tokenizer, tok_source = _gpt2()
     elif tok_path.is_file():
@@ -703,8 +767,8 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
         tokenizer = Tokenizer.from_file(str(tok_path))
         tok_source = f"bpe trained on the train split (cached {tok_path.name})"
     else:
-        tokenizer = _train_bpe(texts["train"], cfg.vocab_size, progress)
-        new_tok_json = tokenizer.to_str()
+        tokenizer = _train_bpe(train_texts, cfg.vocab_size, progress)
+        new_json = tokenizer.to_str()
         tok_source = "bpe trained on the train split"
     eos_id = tokenizer.token_to_id(EOS)
     if eos_id is None:  # both tokenizers name it; a Hub copy without it is not GPT-2's
@@ -713,67 +777,74 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
     if cfg.tokenizer == "bpe" and vocab_size < cfg.vocab_size:
         log.warning("the train split of %s yields only %d BPE tokens (asked for %d); "
                     "vocab_size is %d", source.spec, vocab_size, cfg.vocab_size, vocab_size)
-    t_tok = time.perf_counter()
+    return _TextTokenizer(tokenizer, tok_source, new_json, eos_id, vocab_size)
 
-    # 3. tokenise and pack each split on its own; a capped train split only as far as needed
+
+@dataclass
+class _Packed:
+    streams: dict[str, np.ndarray]  # (n_tokens,) per split, EOS after each segment
+    used: dict[str, tuple[int, int, int]]  # (segments, bytes, tokens) encoded per split
+    blocks: dict[str, np.ndarray]  # (n_blocks, seq_len) per split
+
+
+def _tokenize_and_pack(cfg: DataConfig, source: Source, tok: _TextTokenizer,
+                       by_split: dict[str, list[str]], progress: bool) -> _Packed:
+    """Tokenise and pack each split on its own; a capped train split only as far as needed."""
     streams, used = {}, {}
     for s in SPLITS:
         limit = cfg.max_train_tokens if s == "train" else 0
-        streams[s], used[s] = _encode_prefix(tokenizer, texts[s], eos_id, limit, progress, s)
+        streams[s], used[s] = _encode_prefix(tok.backend, by_split[s], tok.eos_id, limit,
+                                             progress, s)
     if cfg.max_train_tokens:
         streams["train"] = streams["train"][: cfg.max_train_tokens]
     for s in SPLITS:
         if len(streams[s]) < cfg.seq_len:
             raise _too_short(source.spec, s, len(streams[s]), cfg.seq_len)
-    blocks = {s: pack_blocks(streams[s], cfg.seq_len) for s in SPLITS}
-    dtype = np.uint16 if vocab_size <= 65536 else np.int32
-    t_end = time.perf_counter()
+    return _Packed(streams, used, {s: pack_blocks(streams[s], cfg.seq_len) for s in SPLITS})
 
-    meta: dict[str, Any] = {
+
+def _text_meta(cfg: DataConfig, source: Source, texts: _Texts, tok: _TextTokenizer,
+               packed: _Packed, key: str) -> dict[str, Any]:
+    streams, used, eos_id = packed.streams, packed.used, tok.eos_id
+    return {
         "corpus": source.spec,
         "tokenizer": cfg.tokenizer,
-        "tokenizer_source": tok_source,
-        "vocab_size": vocab_size,
+        "tokenizer_source": tok.source,
+        "vocab_size": tok.vocab_size,
         "eos_id": eos_id,
         "seq_len": cfg.seq_len,
         "n_tokens": {s: int(len(streams[s])) for s in SPLITS},
-        "n_blocks": {s: int(len(blocks[s])) for s in SPLITS},
-        "n_segments": {s: len(texts[s]) for s in SPLITS},
-        "n_bytes": n_bytes,
+        "n_blocks": {s: int(len(packed.blocks[s])) for s in SPLITS},
+        "n_segments": {s: len(texts.by_split[s]) for s in SPLITS},
+        "n_bytes": texts.n_bytes,
         # over the tokenised segments: nats/token / (ln 2 * this) = bits per byte
         "bytes_per_token": {s: round(used[s][1] / used[s][2], 4) for s in SPLITS},
         # segments with at least one token in the (capped) train stream
         "train_segments_used": int((streams["train"] == eos_id).sum())
         + int(streams["train"][-1] != eos_id),
         "max_train_tokens": cfg.max_train_tokens,
-        "n_documents": len(names),
-        "split": split_info,
-        "ranges": ranges_meta,
+        "n_documents": texts.n_documents,
+        "split": texts.split_info,
+        "ranges": texts.ranges,
         "true_nll": None,
         "cache_key": key,
         "code_version": CODE_VERSION,
-        "build_seconds": {"read_split_tokenizer": round(t_tok - t0, 3),
-                          "tokenize_pack": round(t_end - t_tok, 3)},
     }
 
-    # 4. write (only now: every check above has passed)
-    if new_tok_json is not None:
-        _write_file_atomic(tok_path, new_tok_json)
-    tok_json = new_tok_json or tokenizer.to_str()
 
+def _write_blocks(final: Path, blocks: dict[str, np.ndarray], dtype: Any, tok_json: str,
+                  meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+    """The cache directory ``final``, written atomically: ``<split>.npy`` blocks as
+    ``dtype``, ``source.npz`` (a synthetic source's ``arrays``), the tokenizer, meta."""
     def write(d: Path) -> None:
         for s in SPLITS:
             np.save(d / f"{s}.npy", blocks[s].astype(dtype))
+        if arrays is not None:
+            np.savez(d / "source.npz", **arrays)
         (d / "tokenizer.json").write_text(tok_json, encoding="utf-8")
         (d / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     _write_dir_atomic(final, write)
-    log.info("built %s with %s in %.1fs: %s blocks -> %s", source.spec, cfg.tokenizer,
-             t_end - t0, meta["n_blocks"], final)
-    return _bundle(
-        {s: torch.from_numpy(blocks[s].astype(np.int64)) for s in SPLITS},
-        tokenizer, {**meta, "cache_hit": False, "cache_path": str(final)},
-    )
 
 
 def _load_synthetic(cfg: DataConfig, source: Source, seed: int) -> DataBundle:
@@ -790,9 +861,7 @@ def _load_synthetic(cfg: DataConfig, source: Source, seed: int) -> DataBundle:
     final = cache_root(cfg) / "blocks" / key
     if (final / "meta.json").is_file():
         return _load_cached(final)
-    if 0 < cfg.max_train_tokens < cfg.seq_len:
-        raise DataError(f"data.max_train_tokens {cfg.max_train_tokens} is fewer than one block "
-                        f"of seq_len {cfg.seq_len}; raise it or set 0 (all)")
+    _check_train_cap(cfg)
     t0 = time.perf_counter()
     try:
         sizes = synthetic.split_sizes(size, cfg.seq_len, cfg.val_fraction, cfg.test_fraction,
@@ -806,7 +875,19 @@ def _load_synthetic(cfg: DataConfig, source: Source, seed: int) -> DataBundle:
 
     tok_json = synthetic.tokenizer_json(src.vocab)
     tokenizer = Tokenizer.from_str(tok_json)
-    meta: dict[str, Any] = {
+    meta = _synthetic_meta(cfg, source, sizes, true_nll, seed, key)
+    meta["build_seconds"] = {"sample": round(time.perf_counter() - t0, 3)}
+    dtype = np.uint16 if src.vocab <= 65536 else np.int32
+    _write_blocks(final, blocks, dtype, tok_json, meta, arrays)
+    return _bundle({s: torch.from_numpy(blocks[s]) for s in SPLITS}, tokenizer,
+                   {**meta, "cache_hit": False, "cache_path": str(final)})
+
+
+def _synthetic_meta(cfg: DataConfig, source: Source, sizes: dict[str, int], true_nll: float,
+                    seed: int, key: str) -> dict[str, Any]:
+    assert source.synthetic is not None
+    src = source.synthetic[0]
+    return {
         "corpus": source.spec,
         "tokenizer": "synthetic",
         "tokenizer_source": f"{src.vocab} symbols {' '.join(synthetic.symbols(src.vocab)[:3])} ...",
@@ -826,20 +907,7 @@ def _load_synthetic(cfg: DataConfig, source: Source, seed: int) -> DataBundle:
         "source": synthetic.describe(src, cfg.seq_len),
         "cache_key": key,
         "code_version": CODE_VERSION,
-        "build_seconds": {"sample": round(time.perf_counter() - t0, 3)},
     }
-
-    def write(d: Path) -> None:
-        dtype = np.uint16 if src.vocab <= 65536 else np.int32
-        for s in SPLITS:
-            np.save(d / f"{s}.npy", blocks[s].astype(dtype))
-        np.savez(d / "source.npz", **arrays)
-        (d / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-        (d / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-
-    _write_dir_atomic(final, write)
-    return _bundle({s: torch.from_numpy(blocks[s]) for s in SPLITS}, tokenizer,
-                   {**meta, "cache_hit": False, "cache_path": str(final)})
 
 
 def _load_cached(path: Path) -> DataBundle:
