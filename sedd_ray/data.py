@@ -68,7 +68,9 @@ __all__ = [
     "EOS",
     "DataError",
     "Source",
+    "MASK_TEXT",
     "cache_root",
+    "decode",
     "get_tokenizer",
     "load_data",
     "pack_blocks",
@@ -603,27 +605,30 @@ class DataBundle:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """Ids (list or 1-D tensor) -> text; EOS shows as ``<|endoftext|>``, an id outside
-        ``[0, vocab_size)`` (the absorbing graph's mask, id ``vocab_size``) as ``[MASK]``."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        parts, run = [], []
-        for i in ids:
-            if 0 <= i < self.vocab_size:
-                run.append(i)
-                continue
-            parts += [self._decode(run), MASK_TEXT]
-            run = []
-        return "".join(parts) + self._decode(run)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=False)
+        """Ids (list or 1-D tensor) -> text, as :func:`decode` shows them."""
+        return decode(self.backend, ids, self.vocab_size)
 
     def __repr__(self) -> str:
         m = self.meta
         return (f"DataBundle(corpus={m['corpus']!r}, tokenizer={m['tokenizer']!r}, "
                 f"vocab_size={self.vocab_size}, seq_len={m['seq_len']}, "
                 f"n_blocks={m['n_blocks']}, cache_hit={m['cache_hit']})")
+
+
+def decode(backend: Tokenizer, ids: Sequence[int] | torch.Tensor, vocab_size: int) -> str:
+    """Ids (list or 1-D tensor) -> text with ``backend`` (a ``tokenizers.Tokenizer``); EOS
+    shows as ``<|endoftext|>``, an id outside ``[0, vocab_size)`` (the absorbing graph's
+    mask, id ``vocab_size``) as :data:`MASK_TEXT`. The sampler's checkpoints use it too."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    parts, run = [], []
+    for i in ids:
+        if 0 <= i < vocab_size:
+            run.append(i)
+            continue
+        parts += [backend.decode(run, skip_special_tokens=False), MASK_TEXT]
+        run = []
+    return "".join(parts) + backend.decode(run, skip_special_tokens=False)
 
 
 def _too_short(spec: str, split: str, n: int, seq_len: int, at_most: bool = False) -> DataError:

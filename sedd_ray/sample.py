@@ -25,8 +25,7 @@ import torch
 
 from sedd_ray import checkpoint as ckpt
 from sedd_ray.config import ConfigError, RunConfig
-
-MASK_TEXT = "[MASK]"  # an id >= vocab_size (the absorbing mask), as DataBundle.decode shows it
+from sedd_ray.data import decode
 
 
 @dataclass
@@ -82,14 +81,7 @@ class LoadedModel:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text; an id outside the vocabulary (the absorbing mask) shows as [MASK]."""
-        parts, run = [], []
-        for i in ids:
-            if 0 <= i < self.vocab_size:
-                run.append(i)
-            else:
-                parts += [self.tokenizer.decode(run, skip_special_tokens=False), MASK_TEXT]
-                run = []
-        return "".join(parts) + self.tokenizer.decode(run, skip_special_tokens=False)
+        return decode(self.tokenizer, ids, self.vocab_size)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -172,25 +164,7 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sedd_ray.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trial", default="best", help="'best' (lowest val_nll) or a trial id")
-    p.add_argument("--study", default=None, help="study name (optional if only one)")
-    p.add_argument("--storage", default="results", help="results folder or URI (default ./results)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint directory, or a run folder with latest.json (skips Parquet)")
-    p.add_argument("--steps", type=int, default=128, help="sampling steps (default 128)")
-    p.add_argument("--predictor", default="analytic", help="analytic or euler")
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--length", type=int, default=None, help="tokens (default: the training seq_len)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix", default="", help="text the samples start with")
-    p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
-    p.add_argument("--jsonl", default=None, help="also write the samples as JSON lines")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--smoke-test", action="store_true", help="4 steps, 2 short samples")
-    args = p.parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.smoke_test:
         args.steps, args.num_samples, args.length = 4, 2, args.length or 16
     for name in ("steps", "num_samples", "length"):
@@ -220,18 +194,46 @@ def main(argv: list[str] | None = None) -> int:
     for i, t in enumerate(texts):
         print(f"--- sample {i} ---\n{t}")
     if args.jsonl:
-        Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.jsonl, "w") as f:
-            for i, t in enumerate(texts):
-                f.write(json.dumps({
-                    "index": i, "text": t, "seed": args.seed, "steps": args.steps,
-                    "predictor": args.predictor, "length": length, "prefix": args.prefix,
-                    "suffix": args.suffix, "checkpoint": str(path), "step": loaded.step,
-                    "study": row["study"] if row else None,
-                    "trial_id": row["trial_id"] if row else None,
-                }) + "\n")
+        _write_jsonl(args, texts, length, path, loaded.step, row)
         print(f"wrote {args.jsonl}")
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sedd_ray.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trial", default="best", help="'best' (lowest val_nll) or a trial id")
+    p.add_argument("--study", default=None, help="study name (optional if only one)")
+    p.add_argument("--storage", default="results", help="results folder or URI (default ./results)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint directory, or a run folder with latest.json (skips Parquet)")
+    p.add_argument("--steps", type=int, default=128, help="sampling steps (default 128)")
+    p.add_argument("--predictor", default="analytic", help="analytic or euler")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--length", type=int, default=None, help="tokens (default: the training seq_len)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", default="", help="text the samples start with")
+    p.add_argument("--suffix", default="", help="text the samples end with (infilling)")
+    p.add_argument("--jsonl", default=None, help="also write the samples as JSON lines")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--smoke-test", action="store_true", help="4 steps, 2 short samples")
+    return p
+
+
+def _write_jsonl(args: argparse.Namespace, texts: list[str], length: int, path: Path,
+                 step: int, row: dict[str, Any] | None) -> None:
+    """One JSON line per sample with the settings and the checkpoint that made it."""
+    Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.jsonl, "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({
+                "index": i, "text": t, "seed": args.seed, "steps": args.steps,
+                "predictor": args.predictor, "length": length, "prefix": args.prefix,
+                "suffix": args.suffix, "checkpoint": str(path), "step": step,
+                "study": row["study"] if row else None,
+                "trial_id": row["trial_id"] if row else None,
+            }) + "\n")
 
 
 if __name__ == "__main__":
