@@ -15,6 +15,9 @@ a checkpoint at step ``s`` therefore replays exactly what an uninterrupted run d
 The report callback ``report(metrics: dict, checkpoint_dir: str | None)`` is called on
 every rank at the same steps (log, eval and checkpoint steps, and once at the end);
 ``checkpoint_dir`` is set on rank 0 when a checkpoint was written at that step.
+
+A divergence drill (no config field): ``SEDD_RAY_DRILL_NAN_AT=<step>`` in the environment
+makes that step's loss NaN; see :func:`drill_nan_step`.
 """
 
 from __future__ import annotations
@@ -520,8 +523,8 @@ class Trainer:
                 is_log, is_eval, is_ckpt = self._due()
                 if not (is_log or is_eval or is_ckpt):
                     continue
-                metrics, report = self._log_row(window, grad_norm)
-                report = report or is_eval or is_ckpt
+                metrics, report_due = self._log_row(window, grad_norm)
+                report = report_due or is_eval or is_ckpt
                 if is_eval:
                     metrics.update(self._validate())
                 _show_progress(bar, metrics)
