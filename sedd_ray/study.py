@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sedd_ray.cluster import DRIVER_RESOURCE  # the head's custom resource: Tune drivers live there
 from sedd_ray.config import ConfigError, RunConfig, apply_params, preset
 from sedd_ray.registry import Registry
 
@@ -177,14 +178,17 @@ class DefineByRun:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         values: dict[str, Any] = dict(self.constants)
+        skipped: set[str] = set()  # conditional params whose condition did not hold
         pending = dict(self.space)
         while pending:  # conditions may refer to other searched params: resolve in order
             progressed = False
             for name, p in list(pending.items()):
                 cond = p.when or {}
-                if all(k in values for k in cond):
-                    if all(values[k] == v for k, v in cond.items()):
+                if all(k in values or k in skipped for k in cond):
+                    if all(k in values and values[k] == v for k, v in cond.items()):
                         values[name] = p.suggest(trial, name)
+                    else:
+                        skipped.add(name)  # and so are the params conditioned on it
                     pending.pop(name)
                     progressed = True
             if not progressed:
@@ -192,87 +196,19 @@ class DefineByRun:
         return dict(self.constants)
 
 
-def _optuna_search(space: Mapping[str, Param], constants: Mapping[str, Any], metric: str,
-                   mode: str, seed: int, points: list[dict[str, Any]] | None = None):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return OptunaSearch(space=DefineByRun(space, constants), metric=metric, mode=mode,
-                        sampler=optuna.samplers.TPESampler(seed=seed),
-                        points_to_evaluate=list(points) if points else None)
-
-
 def make_searcher(spec: StudySpec):
     """Search mode: one seeded OptunaSearch over every axis. Ablation mode: one per level
     behind a round-robin, so each level gets the same number of trials and seeds and its
-    own Optuna tuning of the nuisance parameters."""
-    from ray.tune.search import Searcher
+    own Optuna tuning of the nuisance parameters (:class:`sedd_ray.searcher.LevelSearcher`)."""
+    from sedd_ray.searcher import LevelSearcher, optuna_search
 
-    class LevelSearcher(Searcher):
-        """Round-robin over levels; level i's k-th trial uses seeds[k % len(seeds)]."""
-
-        def __init__(self) -> None:
-            super().__init__(metric=spec.metric, mode=spec.mode)
-            self.levels = list(spec.levels) if spec.ablate else [None]
-            self.per_level = spec.trials_per_level if spec.ablate else spec.num_trials
-            self.subs = [
-                _optuna_search(spec.space, {**spec.fixed, **({spec.ablate: lv} if spec.ablate else {})},
-                               spec.metric, spec.mode, spec.searcher_seed,
-                               None if spec.ablate else spec.points)
-                for lv in self.levels
-            ]
-            self.counts = [0] * len(self.levels)
-            self.owner: dict[str, int] = {}
-
-        def set_search_properties(self, metric, mode, config, **spec_kw) -> bool:
-            for sub in self.subs:
-                sub.set_search_properties(metric, mode, config, **spec_kw)
-            return True
-
-        def suggest(self, trial_id: str):
-            if min(self.counts) >= self.per_level:
-                return Searcher.FINISHED
-            i = self.counts.index(min(self.counts))
-            params = self.subs[i].suggest(trial_id)
-            if params is None or params == Searcher.FINISHED:
-                return params
-            k = self.counts[i]
-            self.counts[i] += 1
-            self.owner[trial_id] = i
-            params = dict(params)
-            params["seed"] = spec.seeds[k % len(spec.seeds)]
-            if spec.ablate:
-                params["level"] = str(self.levels[i])
-            return params
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            # Optuna records intermediate values keyed by step; only evaluation results
-            # carry the metric.
-            if trial_id in self.owner and _finite(result.get(spec.metric)):
-                self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-            if trial_id in self.owner:
-                if result is not None and not _finite(result.get(spec.metric)):
-                    result, error = None, True  # Optuna must not learn from a NaN
-                self.subs[self.owner.pop(trial_id)].on_trial_complete(trial_id, result, error)
-
-        def save(self, checkpoint_path: str) -> None:
-            from ray import cloudpickle
-
-            state = {"counts": self.counts, "owner": self.owner, "subs": self.subs}
-            with open(checkpoint_path, "wb") as f:
-                cloudpickle.dump(state, f)
-
-        def restore(self, checkpoint_path: str) -> None:
-            from ray import cloudpickle
-
-            with open(checkpoint_path, "rb") as f:
-                state = cloudpickle.load(f)
-            self.counts, self.owner, self.subs = state["counts"], state["owner"], state["subs"]
-
-    return LevelSearcher()
+    levels = list(spec.levels) if spec.ablate else [None]
+    subs = [optuna_search(spec.space, {**spec.fixed, **({spec.ablate: lv} if spec.ablate else {})},
+                          metric=spec.metric, mode=spec.mode, seed=spec.searcher_seed,
+                          points=() if spec.ablate else spec.points)
+            for lv in levels]
+    return LevelSearcher(subs, levels, seeds=spec.seeds, metric=spec.metric, mode=spec.mode,
+                         per_level=spec.trials_per_level if spec.ablate else spec.num_trials)
 
 
 def _finite(x: Any) -> bool:
@@ -480,9 +416,6 @@ def _last_line(text: str) -> str:
 
 
 # --- running a study -----------------------------------------------------------------------
-
-DRIVER_RESOURCE = "sedd_driver"  # custom resource on the head node: Tune drivers live there
-
 
 def driver_resources() -> dict[str, float]:
     """What one trial driver asks for: a sliver of the head's ``sedd_driver`` resource,

@@ -2,7 +2,8 @@
 
 The first tests never start Ray: they run ``prepare_config`` + ``validate_config`` (what
 ``ray up`` does before it touches the cloud) and the project's rules of
-:func:`sedd_ray.cluster.check`. The ``ray``-marked test derives a ``fake_multinode``
+:func:`sedd_ray.cluster.check`, as functions and as the command a user runs
+(``python -m sedd_ray.cluster check cluster.yaml``). The ``ray``-marked test derives a ``fake_multinode``
 config from cluster.yaml (same node types and custom resources, every GPU turned into a
 CPU slot, the head still CPU 0), starts it on this machine with token authentication on,
 runs a small study whose Train workers only fit on autoscaled nodes, and stops exactly
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
 
 from sedd_ray import cluster
 
@@ -213,6 +215,92 @@ def test_storage_is_s3_and_every_node_has_an_instance_profile(cfg):
     assert cfg["metadata"]["sedd_ray"]["storage"].startswith("s3://")
     for name, nt in cfg["available_node_types"].items():
         assert nt["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+
+
+# --- the command a user runs: python -m sedd_ray.cluster ----------------------------------------
+
+
+def test_check_command_passes_the_repos_cluster_yaml(capsys):
+    assert cluster.main(["check", str(cluster.CLUSTER_YAML)]) == 0
+    out = capsys.readouterr()
+    assert "passes Ray's schema and this project's rules" in out.out and out.err == ""
+    assert cluster.main(["check"]) == 0  # the repo's cluster.yaml by default
+
+
+def _bad_file(kind: str, cfg: dict) -> str | None:
+    """The text of a broken cluster.yaml (None: no file at all)."""
+    bad = copy.deepcopy(cfg)
+    if kind == "missing":
+        return None
+    if kind == "not yaml":
+        return "cluster_name: [sedd-ray\n"
+    if kind == "a list":
+        return "- cluster_name\n- provider\n"
+    if kind == "no provider":
+        del bad["provider"]
+    elif kind == "schema typo":
+        _rename(bad, "idle_timeout_minutes", "idle_timout_minutes")
+    elif kind == "node_config typo":
+        _rename(bad["available_node_types"]["gpu_1x"]["node_config"], "InstanceType", "InstanceTyp")
+    elif kind == "project rule":
+        del bad["available_node_types"][cfg["head_node_type"]]["resources"][cluster.DRIVER_RESOURCE]
+    return yaml.safe_dump(bad)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("missing", "No such file"),
+    ("not yaml", "expected ',' or ']'"),
+    ("a list", "not a YAML mapping"),
+    ("no provider", "provider.type is missing"),
+    ("schema typo", "'idle_timout_minutes' was unexpected"),
+    ("node_config typo", "gpu_1x.node_config: unknown key 'InstanceTyp'"),
+    ("project rule", "must declare the custom resource 'sedd_driver'"),
+])
+def test_check_command_refuses_a_bad_file_with_one_error_line(kind, match, cfg, tmp_path, capsys):
+    path = tmp_path / "cluster.yaml"
+    text = _bad_file(kind, cfg)
+    if text is not None:
+        path.write_text(text)
+    assert cluster.main(["check", str(path)]) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), out.err
+    assert match in lines[0] and out.out == ""
+
+
+def test_check_command_as_a_process(cfg, tmp_path):
+    """What a user types: nothing but one line on stderr (Ray's INFO lines kept out)."""
+    cmd = [sys.executable, "-m", "sedd_ray.cluster", "check"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run([*cmd, str(cluster.CLUSTER_YAML)], capture_output=True, text=True,
+                        env=env, timeout=300)
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    assert ok.stdout.strip().endswith("passes Ray's schema and this project's rules")
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text(_bad_file("schema typo", cfg))
+    r = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+
+
+def test_fake_command_writes_the_twin_and_how_to_start_it(cfg, tmp_path, capsys):
+    from ray.autoscaler._private.util import validate_config
+
+    out = tmp_path / "fake.yaml"
+    assert cluster.main(["fake", str(cluster.CLUSTER_YAML), "-o", str(out),
+                         "--gcs-address", "10.0.0.5:6390"]) == 0
+    fake = cluster.load(out)
+    assert fake == cluster.fake_multinode_config(cfg, gcs_address="10.0.0.5:6390")
+    validate_config(fake)
+    printed = capsys.readouterr().out
+    start = printed.splitlines()[-1].split()
+    assert start[:4] == ["RAY_FAKE_CLUSTER=1", "ray", "start", "--head"]
+    assert {"--port=6390", "--node-ip-address=10.0.0.5", f"--autoscaling-config={out}",
+            "--num-cpus=0", "--num-gpus=0"} <= set(start)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_bad_file("schema typo", cfg))
+    assert cluster.main(["fake", str(bad), "-o", str(tmp_path / "f2.yaml")]) == 2
+    assert not (tmp_path / "f2.yaml").exists()
 
 
 # --- the fake_multinode twin -----------------------------------------------------------------
