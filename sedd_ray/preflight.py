@@ -229,11 +229,12 @@ def cluster_capacity() -> Capacity:
 
 def autoscaler_node_types() -> list[tuple[str, dict[str, float], int]] | None:
     """``[(node type, resources, max_workers)]`` of the worker node types the autoscaler
-    may add; ``None`` when the cluster has no autoscaler, ``[]`` when it has one whose node
-    types cannot be read from here."""
+    may add; ``None`` when the cluster has no autoscaler (or only Ray's read-only one, which
+    every ``ray start`` head without ``--autoscaling-config`` and every local cluster
+    runs), ``[]`` when it has one whose node types cannot be read from here."""
     from ray._private.state import state
 
-    config = state.get_cluster_config()
+    config = state.get_cluster_config()  # autoscaler v2 and KubeRay report it to the GCS
     if config is not None and config.node_group_configs:
         return [(g.name, {k: float(v) for k, v in g.resources.items()},
                  _UNLIMITED if g.max_count < 0 else g.max_count)
@@ -241,17 +242,13 @@ def autoscaler_node_types() -> list[tuple[str, dict[str, float], int]] | None:
     status = _autoscaler_status()
     if status is None:
         return None
-    path = _v1_config_path(status)
-    if path is None:
-        return []
-    import yaml
-
-    cfg = yaml.safe_load(path.read_text())
-    head = cfg.get("head_node_type")
-    return [(name, {k: float(v) for k, v in (nt.get("resources") or {}).items()},
-             _UNLIMITED if nt.get("max_workers", 0) < 0 else int(nt.get("max_workers", 0)))
-            for name, nt in (cfg.get("available_node_types") or {}).items()
-            if name != head and nt.get("max_workers", 0)]
+    monitor_args = _monitor_args(status)
+    path = _config_arg(monitor_args)
+    if path is None and (monitor_args or _read_only_report(status)):
+        return None  # Ray's read-only autoscaler: it reports, it never adds a node
+    bootstrap = Path(os.path.expanduser("~/ray_bootstrap_config.yaml"))  # where `ray up` puts it
+    path = path or (bootstrap if bootstrap.is_file() else None)
+    return [] if path is None else _node_types_of(path)
 
 
 def _autoscaler_status() -> dict[str, Any] | None:
@@ -263,23 +260,45 @@ def _autoscaler_status() -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _v1_config_path(status: Mapping[str, Any]) -> Path | None:
-    """The config file the v1 autoscaler's monitor reads, when it is on this machine."""
+def _monitor_args(status: Mapping[str, Any]) -> list[str]:
+    """The command line of the autoscaler's monitor process when it runs on this machine."""
     try:
-        args = Path(f"/proc/{int(status['monitor_pid'])}/cmdline").read_bytes().split(b"\0")
+        raw = Path(f"/proc/{int(status['monitor_pid'])}/cmdline").read_bytes()
     except (KeyError, TypeError, ValueError, OSError):
-        args = []
-    for i, arg in enumerate(a.decode(errors="replace") for a in args):
-        if arg.startswith("--autoscaling-config="):
-            candidate = Path(arg.split("=", 1)[1])
-        elif arg == "--autoscaling-config" and i + 1 < len(args):
-            candidate = Path(args[i + 1].decode(errors="replace"))
-        else:
-            continue
-        if candidate.is_file():
-            return candidate
-    bootstrap = Path(os.path.expanduser("~/ray_bootstrap_config.yaml"))
-    return bootstrap if bootstrap.is_file() else None
+        return []
+    args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return args if any("monitor" in a for a in args[:3]) else []
+
+
+def _config_arg(args: list[str]) -> Path | None:
+    """The ``--autoscaling-config`` file among the monitor's arguments, if it exists."""
+    for i, arg in enumerate(args):
+        value = (arg.partition("=")[2] if arg.startswith("--autoscaling-config=")
+                 else args[i + 1] if arg == "--autoscaling-config" and i + 1 < len(args) else "")
+        if value and Path(value).is_file():
+            return Path(value)
+    return None
+
+
+def _read_only_report(status: Mapping[str, Any]) -> bool:
+    """Ray's read-only autoscaler names every node's type ``node_<node id>``."""
+    active = (status.get("autoscaler_report") or {}).get("active_nodes") or {}
+    return bool(active) and all(str(k).startswith("node_") for k in active)
+
+
+def _node_types_of(path: Path) -> list[tuple[str, dict[str, float], int]]:
+    """The worker node types of an autoscaler config file (cluster.yaml's format)."""
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text()) or {}
+    head = cfg.get("head_node_type")
+    out = []
+    for name, nt in (cfg.get("available_node_types") or {}).items():
+        count = int(nt.get("max_workers", 0))
+        if name != head and count:
+            out.append((name, {k: float(v) for k, v in (nt.get("resources") or {}).items()},
+                        _UNLIMITED if count < 0 else count))
+    return out
 
 
 # --- wording ----------------------------------------------------------------------------------

@@ -59,16 +59,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg.validate()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sedd_ray.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser)
-    parser.add_argument("--output", default=None,
-                        help="where checkpoints and metrics go (default runs/<name>); resumes "
-                             "from its latest checkpoint if there is one")
-    parser.add_argument("--no-ray", action="store_true", help="plain in-process run, no Ray")
-    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    parser.add_argument("--name", default=None, help="run name (default: <preset>-<graph>-<noise>)")
+def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a Ray Train run: workers, their resources, the cluster, the storage."""
     ray_args = parser.add_argument_group("Ray Train")
     ray_args.add_argument("--num-workers", type=int, default=1)
     ray_args.add_argument("--gpus-per-worker", type=float, default=0)
@@ -84,6 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     ray_args.add_argument("--resource-timeout", type=float, default=DEFAULT_RESOURCE_TIMEOUT_S,
                           help="seconds to wait for an autoscaling cluster to provide the "
                           f"workers (default {DEFAULT_RESOURCE_TIMEOUT_S:.0f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sedd_ray.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
+    parser.add_argument("--output", default=None,
+                        help="where checkpoints and metrics go (default runs/<name>); resumes "
+                             "from its latest checkpoint if there is one")
+    parser.add_argument("--no-ray", action="store_true", help="plain in-process run, no Ray")
+    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    parser.add_argument("--name", default=None, help="run name (default: <preset>-<graph>-<noise>)")
+    _add_ray_flags(parser)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
