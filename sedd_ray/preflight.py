@@ -92,7 +92,10 @@ def check(ask: Ask, *, timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
     """Return when ``ask`` fits the cluster (waiting for the autoscaler if it must); raise
     :class:`ResourceError` with one line when it never can, or not within ``timeout_s``.
     For a study (``trials > 1``) every concurrent trial must fit the largest cluster, and
-    one trial the nodes alive before it starts. Needs a connected Ray."""
+    one trial the nodes alive before it starts. Needs a connected Ray; through Ray Client
+    (``ray://``), whose driver cannot read the GCS, nothing is checked."""
+    if capacity is None and _through_ray_client():
+        return
     cap = capacity or cluster_capacity()
     if cap.most is not None:
         problem = explain(ask, cap.most, cap.where)
@@ -203,6 +206,12 @@ def _wait_for_autoscaler(ask: Ask, timeout_s: float, poll_s: float = 1.0) -> Non
 
 
 # --- what the cluster has, and can have ----------------------------------------------------
+
+def _through_ray_client() -> bool:
+    from ray.util.client import ray as client
+
+    return client.is_connected()
+
 
 def alive_nodes() -> list[dict[str, float]]:
     import ray
