@@ -1291,10 +1291,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = "python benchmarks/run.py" + (" " + " ".join(shlex.quote(a) for a in argv) if argv else "")
     sections = GPU_SECTIONS if args.gpu else SECTIONS
-    only = set(args.only.split(",")) if args.only else set(sections)
-    unknown = only - set(sections)
-    if unknown:
-        p.error(f"unknown sections {sorted(unknown)}; valid: {', '.join(sections)}")
+    from sedd_ray.cli import name_list
+    from sedd_ray.config import ConfigError
+
+    try:
+        only = set(name_list(args.only, "--only", choices=sections)) if args.only else set(sections)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.gpu and not args.dry_run:
         import torch
 

@@ -113,6 +113,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bound_vs_entropy.png")
     p.add_argument("--smoke-test", action="store_true", help="a few steps, output in a temp dir")
     args = p.parse_args(argv)
+    from sedd_ray.cli import name_list
+    from sedd_ray.config import ConfigError
+
+    try:
+        graphs = name_list(args.graphs, "--graphs", choices=GRAPHS)
+    except ConfigError as e:  # one line, nothing trained or written
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     tmp = Path(tempfile.mkdtemp(prefix="bound-vs-entropy-"))
     if args.smoke_test:
         args.steps, args.eval_every, args.eval_sequences, args.test_draws = 20, 10, 16, 2
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    results = {g: run_graph(g, args, tmp) for g in args.graphs.split(",")}
+    results = {g: run_graph(g, args, tmp) for g in graphs}
     # the exact NLL of the very blocks the bound was evaluated on (data noise, not a gap)
     from sedd_ray.config import DataConfig
     from sedd_ray.data import load_data

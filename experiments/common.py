@@ -83,7 +83,8 @@ def run_and_report(studies: list[tuple[str, dict[str, Any]]], args: argparse.Nam
     dirs: list[str] = []
     try:
         for spec in specs:
-            dirs.append(run_study(spec, args.storage, resume=args.resume, address=args.address))
+            dirs.append(run_study(spec, args.storage, resume=args.resume, address=args.address,
+                                  resource_timeout=args.resource_timeout))
     except (ConfigError, DataError, StorageError) as e:  # bad input: one line, nothing run
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,13 +27,18 @@ SIZES = "tiny,mini,base"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sedd_ray.config import MODEL_SIZES
+    from sedd_ray.cli import name_list
+    from sedd_ray.config import MODEL_SIZES, ConfigError
 
     p = make_parser("python experiments/sweep_model_size.py", __doc__, DEFAULTS)
     p.add_argument("--sizes", default=SIZES,
                    help=f"comma-separated model sizes (of {', '.join(MODEL_SIZES)}; default {SIZES})")
     args = apply_defaults(p.parse_args(argv), DEFAULTS)
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]  # the study checks them
+    try:  # the study checks each size against MODEL_SIZES
+        sizes = name_list(args.sizes, "--sizes", example="tiny,mini")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return run_and_report([("model-size", {"sizes": sizes})], args)
 
 

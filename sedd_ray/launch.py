@@ -20,17 +20,16 @@ brings back its INFO lines (every report, every checkpoint upload).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from sedd_ray import preflight
 from sedd_ray.config import RunConfig
+from sedd_ray.preflight import DEFAULT_RESOURCE_TIMEOUT_S
 
 # How often Ray Train's controller polls its workers unless RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 # says otherwise: below TrainConfig.report_every_s (1.0 s by default).
@@ -104,7 +103,6 @@ def _worker_fn(config: dict[str, Any]) -> None:
 
     _quiet_ray_train_console()
     cfg = RunConfig.from_dict(config["run_config"])
-    ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
@@ -123,76 +121,112 @@ def _worker_fn(config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             trainer.load(d)
-    if config.get("node_log"):  # tests: where each rank ran, as which pid, from which step
-        node = ray.get_runtime_context().get_node_id()
-        with open(Path(config["node_log"]) / f"rank{ctx.get_world_rank()}.log", "a") as f:
-            f.write(json.dumps({"node": node, "pid": os.getpid(), "start_step": trainer.step,
-                                "time": time.time()}) + "\n")
     trainer.run(resume=False)  # everything the driver needs went through ray.train.report
-    if config.get("node_log"):
-        flat = torch.cat([p.detach().flatten().cpu() for p in trainer.raw_model.parameters()])
-        digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
-        with open(Path(config["node_log"]) / f"rank{ctx.get_world_rank()}.log", "a") as f:
-            f.write(json.dumps({"node": node, "weights_sha256": digest, "time": time.time()}) + "\n")
 
 
 def launch(
     cfg: RunConfig, *, name: str, storage: str, num_workers: int = 1,
-    gpus_per_worker: float = 0, cpus_per_worker: float = 1, address: str | None = None,
+    gpus_per_worker: float = 0, cpus_per_worker: float = 1,
+    resources_per_worker: Mapping[str, float] | None = None, address: str | None = None,
     max_failures: int = 2, resume: bool = True, callbacks: list[Any] | None = None,
-    placement_strategy: str = "PACK", group: str | None = None, node_log: str | None = None,
+    placement_strategy: str = "PACK", group: str | None = None,
+    resource_timeout: float = DEFAULT_RESOURCE_TIMEOUT_S, check_resources: bool = True,
 ) -> dict[str, Any]:
     """Run ``cfg`` with Ray Train; returns the final metrics plus ``run_dir`` and
     ``checkpoint_dir``. Raises :class:`LaunchError` with the worker's error when the run
     fails after ``max_failures`` retries. ``callbacks`` go to the Train ``RunConfig``
-    (a study passes ``TuneReportCallback``)."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    (a study passes ``TuneReportCallback``). ``resources_per_worker`` adds custom
+    resources (``{"tpu": 1}``) to each worker's CPUs and GPUs.
 
+    Before anything is written, the request is compared with what the cluster can ever
+    provide (:mod:`sedd_ray.preflight`): one that never fits raises
+    :class:`~sedd_ray.preflight.ResourceError`; on an autoscaling cluster one that fits
+    only after scaling up waits for at most ``resource_timeout`` seconds
+    (``check_resources=False``: the caller has checked, as a study does once)."""
+    resources = _worker_resources(cpus_per_worker, gpus_per_worker, resources_per_worker)
+    _check_settings(cfg, num_workers, resources, max_failures)
+    storage = _check_storage_and_data(cfg, storage)
+    connect(address)
+    if check_resources:
+        preflight.check(preflight.Ask(num_workers, resources, strategy=placement_strategy),
+                        timeout_s=resource_timeout)
+    run_dir = _prepare_run_dir(storage, name, resume)
+    trainer = _torch_trainer(
+        cfg, name=name, group=group, storage=storage, run_dir=run_dir, resources=resources,
+        num_workers=num_workers, placement_strategy=placement_strategy,
+        max_failures=max_failures, callbacks=callbacks)
+    print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)
+    return _fit(trainer, name, run_dir)
+
+
+def _worker_resources(cpus: float, gpus: float,
+                      custom: Mapping[str, float] | None) -> dict[str, float]:
+    """One worker's resource request: ``{"CPU": 1, "GPU": 1, **custom}``."""
+    if cpus < 0 or gpus < 0 or any(v < 0 for v in (custom or {}).values()):
+        raise LaunchError(f"--cpus-per-worker, --gpus-per-worker and --worker-resources must "
+                          f"be >= 0, got {cpus}, {gpus} and {dict(custom or {})}")
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    return {**resources, **{k: float(v) for k, v in (custom or {}).items()}}
+
+
+def _check_settings(cfg: RunConfig, num_workers: int, resources: Mapping[str, float],
+                    max_failures: int) -> None:
+    """The run's own settings, before anything else (raises LaunchError or ConfigError)."""
     cfg.validate()
     if num_workers < 1:
         raise LaunchError(f"num_workers must be >= 1, got {num_workers}")
     if cfg.train.batch_size % num_workers:
         raise LaunchError(f"batch_size {cfg.train.batch_size} is not divisible by "
                           f"num_workers {num_workers}; change --batch-size")
-    if cpus_per_worker < 0 or gpus_per_worker < 0:
-        raise LaunchError(f"--cpus-per-worker and --gpus-per-worker must be >= 0, got "
-                          f"{cpus_per_worker} and {gpus_per_worker}")
     if max_failures < -1:
         raise LaunchError(f"max_failures must be >= 0 (or -1 = retry forever), got {max_failures}")
-    use_gpu = gpus_per_worker > 0
-    if use_gpu and cfg.train.device == "cpu":
+    if resources.get("GPU", 0) > 0 and cfg.train.device == "cpu":
         raise LaunchError("--gpus-per-worker > 0 with --device cpu; drop one of them")
-    from sedd_ray.checkpoint import ensure_writable_dir, precheck_writable_dir
 
-    if is_local_path(storage):  # an impossible storage path fails now, creating nothing
-        storage = str(precheck_writable_dir(storage.removeprefix("file://"), "--storage"))
-    # Build (or find) the tokenised data here first: a bad corpus fails before any worker
-    # starts (and before any folder is created), and the workers on this node then read
-    # the cache.
+
+def _check_storage_and_data(cfg: RunConfig, storage: str) -> str:
+    """An impossible local storage path fails first, creating nothing; then the tokenised
+    data is built (or found) here: a bad corpus fails before Ray starts, and the workers on
+    this node read the cache. Returns the storage (a local one made absolute)."""
+    from sedd_ray.checkpoint import precheck_writable_dir
     from sedd_ray.data import load_data
 
+    if is_local_path(storage):
+        storage = str(precheck_writable_dir(storage.removeprefix("file://"), "--storage"))
     load_data(cfg.data, seed=cfg.train.seed)
-    if is_local_path(storage):  # read-only or full disk: fails here, before Ray starts
-        ensure_writable_dir(storage, "--storage")
-    run_dir = f"{storage.rstrip('/')}/{name}"
-    if not resume and is_local_path(storage) and Path(run_dir).exists():
-        import shutil
+    return storage
 
-        shutil.rmtree(run_dir)
-    connect(address)
+
+def _prepare_run_dir(storage: str, name: str, resume: bool) -> str:
+    """``<storage>/<name>``; a local storage must take a write (read-only or full disk fails
+    here, before any worker), and ``resume=False`` clears an earlier run of that name."""
+    from sedd_ray.checkpoint import ensure_writable_dir
+
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    if is_local_path(storage):
+        ensure_writable_dir(storage, "--storage")
+        if not resume and Path(run_dir).exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+    return run_dir
+
+
+def _torch_trainer(cfg: RunConfig, *, name: str, group: str | None, storage: str, run_dir: str,
+                   resources: dict[str, float], num_workers: int, placement_strategy: str,
+                   max_failures: int, callbacks: list[Any] | None) -> Any:
+    """The Ray Train ``TorchTrainer`` of the run (nothing starts until ``fit``)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = resources.get("GPU", 0) > 0
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    resources = {"CPU": cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _worker_fn,
         train_loop_config={
             "run_config": cfg.to_dict(), "use_gpu": use_gpu, "name": name, "group": group,
             # Trainer logs (metrics.jsonl, samples) next to Ray's run folder when local.
             "output_dir": f"{run_dir}/trainer" if is_local_path(storage) else None,
-            "node_log": node_log,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -209,7 +243,12 @@ def launch(
             logging_config=ray.train.LoggingConfig(log_level=_train_log_level()),
         ),
     )
-    print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)
+
+
+def _fit(trainer: Any, name: str, run_dir: str) -> dict[str, Any]:
+    """Run the trainer; the final metrics with ``run_dir`` and ``checkpoint_dir``."""
+    import ray.train
+
     try:
         with _ray_train_env():
             result = trainer.fit()

@@ -32,8 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sedd_ray import preflight
+from sedd_ray.cli import int_list, set_pairs
 from sedd_ray.cluster import DRIVER_RESOURCE  # the head's custom resource: Tune drivers live there
 from sedd_ray.config import ConfigError, RunConfig, apply_params, preset
+from sedd_ray.preflight import DEFAULT_RESOURCE_TIMEOUT_S
 from sedd_ray.registry import Registry
 
 # --- search space -------------------------------------------------------------------------
@@ -238,6 +241,7 @@ def _trial_driver(config: dict[str, Any], spec: dict[str, Any], storage: str) ->
         num_workers=spec.num_workers, gpus_per_worker=spec.gpus_per_worker,
         cpus_per_worker=spec.cpus_per_worker, max_failures=spec.max_failures,
         callbacks=[TuneReportCallback()], group=spec.name,
+        check_resources=False,  # run_study checked the whole study before it started
     )
 
 
@@ -443,8 +447,11 @@ def max_concurrent_trials(spec: StudySpec) -> int:
 
 
 def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: str | None = None,
-              verbose: int = 1) -> str:
-    """Run (or, with ``resume``, restore and finish) a study; returns the study directory."""
+              verbose: int = 1, resource_timeout: float = DEFAULT_RESOURCE_TIMEOUT_S) -> str:
+    """Run (or, with ``resume``, restore and finish) a study; returns the study directory.
+    A study the cluster can never hold raises :class:`~sedd_ray.preflight.ResourceError`
+    before anything is written; on an autoscaling cluster the first trial's resources are
+    waited for, for at most ``resource_timeout`` seconds."""
     from ray import tune
 
     from sedd_ray.checkpoint import ensure_writable_dir, precheck_writable_dir
@@ -455,12 +462,13 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     if local:  # an impossible storage path fails now, creating nothing
         storage = str(precheck_writable_dir(storage, "--storage"))
     _precheck_data(spec)  # a missing, empty or too short corpus fails before Ray starts
-    if local:  # read-only or full disk: fails here, before Ray starts
+    # A new local cluster gets the driver resource too (cluster.yaml declares it on the head).
+    connect(address, resources={DRIVER_RESOURCE: 1000})
+    preflight.check(study_ask(spec), timeout_s=resource_timeout)  # before anything is written
+    if local:  # read-only or full disk: fails here, before any trial
         ensure_writable_dir(storage, "--storage")
     study_dir = f"{storage.rstrip('/')}/{spec.name}"
     tune_dir = f"{study_dir}/tune"
-    # A new local cluster gets the driver resource too (cluster.yaml declares it on the head).
-    connect(address, resources={DRIVER_RESOURCE: 1000})
     # Train reports val_nll only at evaluation steps; ASHA and Optuna skip results without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our trimmed CLIReporter table
@@ -478,6 +486,14 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     print(f"study {spec.name!r}: results in {study_dir}", flush=True)
     tuner.fit()
     return study_dir
+
+
+def study_ask(spec: StudySpec) -> preflight.Ask:
+    """What the study asks of the cluster: its concurrent trials (``max_concurrent``, or
+    one when derived from the cluster), each with its workers and its driver."""
+    per_worker = {"CPU": spec.cpus_per_worker, "GPU": spec.gpus_per_worker}
+    return preflight.Ask(spec.num_workers, per_worker, trials=spec.max_concurrent or 1,
+                         driver=driver_resources(), flags=preflight.STUDY_FLAGS)
 
 
 def _precheck_data(spec: StudySpec) -> None:
@@ -602,6 +618,9 @@ def add_study_flags(p: Any, default_trials: int = 2) -> None:
     p.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per Train worker")
     p.add_argument("--cpus-per-worker", type=float, default=1)
     p.add_argument("--max-concurrent", type=int, default=0, help="0 = from the cluster's resources")
+    p.add_argument("--resource-timeout", type=float, default=DEFAULT_RESOURCE_TIMEOUT_S,
+                   help="seconds to wait for an autoscaling cluster to provide a trial's "
+                   f"workers (default {DEFAULT_RESOURCE_TIMEOUT_S:.0f})")
     p.add_argument("--asha", action="store_true", help="early-stop weak trials with ASHA")
     p.add_argument("--resume", action="store_true", help="restore an interrupted study")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -611,19 +630,14 @@ def add_study_flags(p: Any, default_trials: int = 2) -> None:
 
 def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
     """Build and validate the named study from :func:`add_study_flags` arguments."""
-    fixed: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        fixed[k.strip()] = v.strip()
+    fixed: dict[str, Any] = set_pairs(args.set)
     # ``is None``, not ``or``: an explicit 0 is an error for validate(), never the default.
     kw: dict[str, Any] = dict(
         trials_per_level=args.trials_per_level if args.trials_per_level is not None
         else (1 if args.smoke_test else getattr(args, "default_trials", 2)),
         num_trials=args.num_trials if args.num_trials is not None
         else (2 if args.smoke_test else 4),
-        seeds=[int(s) for s in str(args.seeds).split(",") if s.strip()],
+        seeds=int_list(args.seeds, "--seeds"),
         num_workers=args.workers_per_trial, gpus_per_worker=args.gpus_per_trial,
         cpus_per_worker=args.cpus_per_worker, max_concurrent=args.max_concurrent,
         asha=args.asha, **study_kw,
@@ -657,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         spec = spec_from_args(args.study, args)
-        study_dir = run_study(spec, args.storage, resume=args.resume, address=args.address)
+        study_dir = run_study(spec, args.storage, resume=args.resume, address=args.address,
+                              resource_timeout=args.resource_timeout)
     except (ConfigError, ValueError, StorageError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any
 
+from sedd_ray.cli import name_values, set_pairs
 from sedd_ray.config import (
     MODEL_SIZES,
     PRESETS,
@@ -28,6 +29,7 @@ from sedd_ray.config import (
     preset,
     short_names,
 )
+from sedd_ray.preflight import DEFAULT_RESOURCE_TIMEOUT_S, ResourceError
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +54,28 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for key, value in vars(args).items():
         if key.startswith("cfg_") and value is not None:
             params[key[4:]] = value
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        params[k.strip()] = v.strip()
+    params.update(set_pairs(args.set))
     cfg = apply_params(cfg, params)
     return cfg.validate()
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a Ray Train run: workers, their resources, the cluster, the storage."""
+    ray_args = parser.add_argument_group("Ray Train")
+    ray_args.add_argument("--num-workers", type=int, default=1)
+    ray_args.add_argument("--gpus-per-worker", type=float, default=0)
+    ray_args.add_argument("--cpus-per-worker", type=float, default=1)
+    ray_args.add_argument("--address", default=None,
+                          help="Ray cluster to join (auto, host:port, ray://...); default: "
+                          "$RAY_ADDRESS if set, else a new local cluster")
+    ray_args.add_argument("--storage", default=None,
+                          help="Ray storage path or URI (s3://, gs://); default ./runs")
+    ray_args.add_argument("--max-failures", type=int, default=2)
+    ray_args.add_argument("--worker-resources", default="", metavar="NAME=N,...",
+                          help="custom resources per worker, e.g. --worker-resources tpu=1")
+    ray_args.add_argument("--resource-timeout", type=float, default=DEFAULT_RESOURCE_TIMEOUT_S,
+                          help="seconds to wait for an autoscaling cluster to provide the "
+                          f"workers (default {DEFAULT_RESOURCE_TIMEOUT_S:.0f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,19 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ray", action="store_true", help="plain in-process run, no Ray")
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     parser.add_argument("--name", default=None, help="run name (default: <preset>-<graph>-<noise>)")
-    ray_args = parser.add_argument_group("Ray Train")
-    ray_args.add_argument("--num-workers", type=int, default=1)
-    ray_args.add_argument("--gpus-per-worker", type=float, default=0)
-    ray_args.add_argument("--cpus-per-worker", type=float, default=1)
-    ray_args.add_argument("--address", default=None,
-                          help="Ray cluster to join (auto, host:port, ray://...); default: "
-                          "$RAY_ADDRESS if set, else a new local cluster")
-    ray_args.add_argument("--storage", default=None,
-                          help="Ray storage path or URI (s3://, gs://); default ./runs")
-    ray_args.add_argument("--max-failures", type=int, default=2)
+    _add_ray_flags(parser)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        custom = name_values(args.worker_resources, "--worker-resources", example="tpu=1")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -108,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = launch(cfg, name=name, storage=args.storage or os.path.abspath("runs"),
                         num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
-                        cpus_per_worker=args.cpus_per_worker, address=args.address,
-                        max_failures=args.max_failures, resume=not args.no_resume)
+                        cpus_per_worker=args.cpus_per_worker, resources_per_worker=custom,
+                        address=args.address, max_failures=args.max_failures,
+                        resume=not args.no_resume, resource_timeout=args.resource_timeout)
+    except ResourceError as e:  # the cluster can never hold it: nothing ran or was written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (LaunchError, StorageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

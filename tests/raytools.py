@@ -83,15 +83,75 @@ def plain_reference(cfg, out: Path):
         torch.set_num_threads(threads)
 
 
-def launch_in_thread(cfg, **kw: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    """``launch(cfg, **kw)`` in a thread; ``out`` gets ``result`` or ``error`` when it ends."""
+def _logging_worker_fn(logs: str):
+    """A Ray Train worker function that runs launch's own and logs, to
+    ``<logs>/rank<r>.log``, where and as which pid each rank started and from which step
+    (after restoring Ray's checkpoint), then the sha256 of its final weights. A closure
+    without module-level references, so cloudpickle ships it by value to the workers
+    (which cannot import this test module)."""
+
+    def worker_fn(config: dict) -> None:
+        import hashlib
+        import json
+        import os
+        import time
+        from pathlib import Path
+
+        import ray
+        import ray.train
+        import torch
+
+        from sedd_ray import launch as launch_mod
+        from sedd_ray.trainer import Trainer
+
+        run = Trainer.run
+
+        def write(entry: dict) -> None:
+            rank = ray.train.get_context().get_world_rank()
+            with open(Path(logs) / f"rank{rank}.log", "a") as f:
+                f.write(json.dumps({**entry, "time": time.time()}) + "\n")
+
+        def logged_run(self, *args, **kwargs):
+            node = ray.get_runtime_context().get_node_id()
+            write({"node": node, "pid": os.getpid(), "start_step": self.step})
+            out = run(self, *args, **kwargs)
+            flat = torch.cat([p.detach().flatten().cpu() for p in self.raw_model.parameters()])
+            write({"node": node, "weights_sha256": hashlib.sha256(flat.numpy().tobytes()).hexdigest()})
+            return out
+
+        Trainer.run = logged_run  # this worker process only
+        launch_mod._worker_fn(config)
+
+    return worker_fn
+
+
+@contextlib.contextmanager
+def node_logs(logs: Path | str) -> Iterator[None]:
+    """Inside the block, the Ray Train workers of ``launch()`` log where each rank ran, as
+    which pid, from which step, and its final weights' sha256 to ``<logs>/rank<r>.log``
+    (see :func:`_logging_worker_fn`). Test-side: launch's module attribute is swapped."""
+    import sedd_ray.launch as launch_mod
+
+    original = launch_mod._worker_fn
+    launch_mod._worker_fn = _logging_worker_fn(str(logs))
+    try:
+        yield
+    finally:
+        launch_mod._worker_fn = original
+
+
+def launch_in_thread(cfg, node_log: str | None = None,
+                     **kw: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """``launch(cfg, **kw)`` in a thread; ``out`` gets ``result`` or ``error`` when it ends.
+    With ``node_log``, the workers log there as :func:`node_logs` says."""
     from sedd_ray.launch import launch
 
     out: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            out["result"] = launch(cfg, **kw)
+            with node_logs(node_log) if node_log else contextlib.nullcontext():
+                out["result"] = launch(cfg, **kw)
         except BaseException as e:  # noqa: BLE001 - surfaced by the test's assertion
             out["error"] = e
 

@@ -15,6 +15,7 @@ from raytools import (
     jsonl,
     launch_in_thread,
     multinode_cluster,
+    node_logs,
     plain_reference,
 )
 
@@ -39,8 +40,9 @@ def test_two_workers_on_different_nodes_agree(cluster, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     cfg = tiny_config(steps=20, ckpt_every=10, eval_every=10)
-    result = launch(cfg, name="spread", storage=str(tmp_path / "runs"), num_workers=2,
-                    placement_strategy="STRICT_SPREAD", node_log=str(logs), max_failures=0)
+    with node_logs(logs):
+        result = launch(cfg, name="spread", storage=str(tmp_path / "runs"), num_workers=2,
+                        placement_strategy="STRICT_SPREAD", max_failures=0)
     r0, r1 = _log(logs, 0), _log(logs, 1)
     assert r0[0]["node"] != r1[0]["node"]  # the two ranks ran on different nodes
     assert r0[-1]["weights_sha256"] == r1[-1]["weights_sha256"]  # DDP kept them identical
