@@ -159,11 +159,10 @@ class DiffusionConfig:
         for key in given:
             if key not in declared:
                 close = difflib.get_close_matches(str(key), list(declared), n=1)
-                hint = f" (did you mean {where}.{close[0]}?)" if close else ""
                 owners = [n for n in _registry(kind).names()
-                          if key in _registry(kind).get(n).params()] if not close else []
-                if owners:
-                    hint = f" (it belongs to --{kind} {' or --'.join(owners)})"
+                          if key in _registry(kind).get(n).params()]
+                hint = (f" (it belongs to --{kind} {' or --'.join(owners)})" if owners
+                        else f" (did you mean {where}.{close[0]}?)" if close else "")
                 raise ConfigError(f"unknown config key {where}.{key}{hint}: the {name} {kind} "
                                   f"takes {', '.join(declared) or 'no parameters'}")
         out = {}
