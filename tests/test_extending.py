@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from suites import N, GraphSuite, NoiseSuite
+from suites import GraphSuite, N, NoiseSuite
 from toy import F64, P0, L, exact_log_score_model, exact_score_fn
 
 from sedd_ray.config import ConfigError, RunConfig, apply_params, preset, short_names
@@ -229,6 +229,39 @@ def test_config_takes_the_registered_parameters():
 def test_config_errors_say_the_fix(params, message):
     with pytest.raises(ConfigError, match=message):
         apply_params(preset("tiny"), {"graph": "cycle", "noise": "linear", **params}).validate()
+
+
+def test_built_in_components_own_their_parameters_and_old_keys_still_read():
+    """Geometric's sigma_min/sigma_max and loglinear's eps through the same mechanism; the
+    old flat keys (checkpoints, Parquet rows, --set diffusion.sigma_min) keep working."""
+    names = short_names()
+    assert names["sigma_min"] == "diffusion.noise_params.sigma_min"  # --sigma-min
+    assert names["sigma_max"] == "diffusion.noise_params.sigma_max"
+    assert "eps" not in names or names["eps"] == "optim.eps"  # ambiguous: dotted key only
+    cfg = apply_params(preset("tiny"), {"diffusion.noise_params.eps": "1e-4"}).validate()
+    assert cfg.diffusion.build_noise().eps == 1e-4
+    geo = apply_params(preset("tiny"), {"noise": "geometric", "sigma_min": 1e-3}).validate()
+    noise = geo.diffusion.build_noise()
+    assert (noise.sigma_min, noise.sigma_max) == (1e-3, 20.0)
+    flat = geo.flat()
+    assert flat["diffusion.noise_params.sigma_min"] == 1e-3
+    assert flat["diffusion.noise_params.sigma_max"] == 20.0
+    assert "diffusion.sigma_min" not in flat
+    old = preset("tiny").to_dict()
+    del old["diffusion"]["graph_params"], old["diffusion"]["noise_params"]
+    for noise_name, sigma_min in (("geometric", 5e-4), ("loglinear", 1e-4)):
+        d = {**old, "diffusion": {**old["diffusion"], "noise": noise_name,
+                                  "sigma_min": sigma_min, "sigma_max": 20.0}}
+        back = RunConfig.from_dict(d).validate()
+        if noise_name == "geometric":
+            assert back.diffusion.build_noise().sigma_min == 5e-4
+        else:  # every old config held the (ignored) defaults for other schedules
+            assert back.diffusion.noise_params == {}
+    moved = geo.with_overrides({"diffusion.sigma_min": 2e-4}).validate()
+    assert moved.diffusion.build_noise().sigma_min == 2e-4
+    with pytest.raises(ConfigError, match=r"diffusion.sigma_min is now "
+                       r"diffusion.noise_params.sigma_min and the loglinear noise takes no"):
+        preset("tiny").with_overrides({"diffusion.sigma_min": 1e-3})
 
 
 # --- training, the ELBO, the samplers ------------------------------------------------------------
