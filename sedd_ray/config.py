@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_type_hints
@@ -120,23 +122,20 @@ class DiffusionConfig:
 
     @classmethod
     def upgrade_dict(cls, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-        """Read the old flat ``sigma_min`` / ``sigma_max`` keys into ``noise_params``."""
+        """Read the old flat ``sigma_min`` / ``sigma_max`` keys into ``noise_params``.
+
+        Every old config holds them, for any noise; at their old defaults (which are
+        geometric's defaults) they change nothing and are dropped, any other value moves
+        into ``noise_params`` (where validation names the noise that takes it). Needs no
+        registry, so reading a config never imports torch.
+        """
         d = dict(d)
-        params = dict(d.get("noise_params") or {})
-        noise = str(d.get("noise", cls.noise))
-        declared = _component_params("noise", noise)
+        params = _coerce_mapping(d.get("noise_params") or {}, prefix + "noise_params")
         for key, old_default in _LEGACY_NOISE_KEYS.items():
-            if key not in d:
-                continue
-            value = d.pop(key)
-            if declared is not None and key in declared:
-                params[key] = value
-            elif _coerce(value, float, prefix + key) != old_default:
-                raise ConfigError(
-                    f"{prefix}{key} is now {prefix}noise_params.{key} and the {noise} noise "
-                    f"takes no {key} (it takes: {', '.join(declared or {}) or 'nothing'}); "
-                    "drop it or pick --noise geometric"
-                )
+            if key in d:
+                value = d.pop(key)
+                if key in params or _coerce(value, float, prefix + key) != old_default:
+                    params[key] = value
         if params or "noise_params" in d:
             d["noise_params"] = params
         return d
@@ -455,7 +454,24 @@ class RunConfig:
         return out
 
 
+def _coerce_mapping(value: Any, where: str) -> dict[str, Any]:
+    """A ``dict`` from a mapping or its JSON text (``--set diffusion.noise_params={...}``,
+    a JSON column of a Parquet row)."""
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            pass
+    if not isinstance(parsed, Mapping):
+        raise ConfigError(f"{where} must be a mapping of name -> value (or its JSON text), "
+                          f"got {value!r}")
+    return {str(k): v for k, v in parsed.items()}
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if typing.get_origin(typ) is dict:
+        return _coerce_mapping(value, where)
     if typ is bool:
         if isinstance(value, bool):
             return value

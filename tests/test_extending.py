@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -259,9 +261,12 @@ def test_built_in_components_own_their_parameters_and_old_keys_still_read():
             assert back.diffusion.noise_params == {}
     moved = geo.with_overrides({"diffusion.sigma_min": 2e-4}).validate()
     assert moved.diffusion.build_noise().sigma_min == 2e-4
-    with pytest.raises(ConfigError, match=r"diffusion.sigma_min is now "
-                       r"diffusion.noise_params.sigma_min and the loglinear noise takes no"):
-        preset("tiny").with_overrides({"diffusion.sigma_min": 1e-3})
+    with pytest.raises(ConfigError, match=r"unknown config key diffusion.noise_params.sigma_min "
+                       r"\(it belongs to --noise geometric\): the loglinear noise takes eps"):
+        preset("tiny").with_overrides({"diffusion.sigma_min": 1e-3}).validate()
+    code = ("import sys; from sedd_ray.config import RunConfig; "
+            f"RunConfig.from_dict({d!r}); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # reading: no torch
 
 
 # --- training, the ELBO, the samplers ------------------------------------------------------------
