@@ -298,7 +298,7 @@ class Graph(abc.ABC):
         sb = _no_grad_sigma(sigma_bar, x).to(ls.dtype)
         shape = torch.broadcast_shapes(x.shape, x0.shape, sb.shape)
         x, x0 = x.expand(shape), x0.expand(shape)
-        weight = self.transp_rate(x, dtype=ls.dtype).scatter_(-1, x[..., None], 0.0)  # Q[x_t, y]
+        weight = self.transp_rate(x, dtype=ls.dtype).scatter(-1, x[..., None], 0.0)  # Q[x_t, y]
         on = weight > 0
         cond = self.transition(x0, sb.expand(shape)).to(ls.dtype)  # p(y | x_0), (*, dim)
         log_r = cond.log() - cond.gather(-1, x[..., None]).log()
