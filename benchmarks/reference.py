@@ -59,7 +59,8 @@ def uniform_score_entropy(graph, log_score: torch.Tensor, sigma, x: torch.Tensor
 
 
 def score_entropy(graph, log_score, sigma, x, x0):
-    """The unfused score entropy of ``graph`` (absorbing or uniform)."""
+    """The unfused score entropy of ``graph`` (the built-in absorbing or uniform graph:
+    the two with ``fused_score_entropy``)."""
     fn = absorb_score_entropy if graph.absorb else uniform_score_entropy
     return fn(graph, log_score, sigma, x, x0)
 
@@ -101,7 +102,7 @@ def model_forward(self: ScoreModel, x_t: torch.Tensor, sigma_bar: torch.Tensor) 
     if self.time_independent:
         log_p = raw.log_softmax(dim=-1) - log_expm1(sigma_bar)[:, None, None]
         log_score = torch.cat([log_p, log_p.new_full((B, L, 1), MASK_LOG_SCORE)], dim=-1)
-    elif self.scale_by_sigma:
+    elif self.cfg.scale_by_sigma and self.absorb:  # the absorbing graph's shift
         log_score = raw - log_expm1(sigma_bar)[:, None, None] - math.log(self.dim - 1)
     else:
         log_score = raw

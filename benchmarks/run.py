@@ -362,7 +362,7 @@ def child_sample(a: dict[str, Any]) -> dict[str, Any]:
     _threads(a["threads"])
     device = torch.device(a.get("device", "cpu"))
     model, graph = _sample_model(a["model"], a["graph"], a["vocab"], True, device)
-    noise = get_noise("loglinear" if a["graph"] == "absorb" else "geometric")
+    noise = get_noise(graph.default_noise)  # the schedule the graph is built for
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     score_fn = model_score_fn(model, autocast=autocast)
     variants = _variants(a)

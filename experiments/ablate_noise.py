@@ -19,9 +19,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import Defaults, apply_defaults, make_parser, run_and_report  # noqa: E402
+from sedd_ray.diffusion import GRAPHS as graph_registry  # noqa: E402
 
 DEFAULTS = Defaults(preset="tiny", steps=600, trials_per_level=2)
-GRAPHS = ("absorb", "uniform")
+GRAPHS = tuple(graph_registry.names())  # every registered graph
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sedd_ray.diffusion import GRAPHS as graph_registry  # noqa: E402
+
 SOURCE = "markov:vocab=8,order=1,sharpness=3,seed=0,blocks=8192"
-GRAPHS = {"absorb": {"graph": "absorb", "noise": "loglinear"},
-          "uniform": {"graph": "uniform", "noise": "geometric"}}
+# every registered graph, each with the schedule it is built for
+GRAPHS = {g: {"graph": g, "noise": graph_registry.get(g).default_noise}
+          for g in graph_registry.names()}
 
 
 def run_graph(name: str, args: argparse.Namespace, out: Path) -> dict:
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-sequences", type=int, default=256)
     p.add_argument("--test-draws", type=int, default=16)
-    p.add_argument("--graphs", default="absorb,uniform")
+    p.add_argument("--graphs", default=",".join(GRAPHS))
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (a tiny model gains nothing from more)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bound_vs_entropy.png")

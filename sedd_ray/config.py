@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_type_hints
@@ -41,11 +43,13 @@ class ModelConfig:
     max_seq_len: int = 128
     dropout: float = 0.1
     mlp_ratio: int = 4
-    # Absorbing graph only: subtract log(expm1(sigma_bar)) + log(N) from the output.
+    # Passed to graph.output_log_score: the absorbing graph subtracts
+    # log(expm1(sigma_bar)) + log(N) from the output; other graphs ignore it.
     scale_by_sigma: bool = True
-    # False = RADD-style time-independent network (absorbing graph only): the network
-    # predicts p(x0 | x_t) and the score is e^{-sb}/(1-e^{-sb}) * p; enables the
-    # cached sampler that skips the network when no token changed.
+    # False = RADD-style time-independent network (graphs with time_independent_ok: the
+    # absorbing graph): the network predicts p(x0 | x_t) and the score is
+    # e^{-sb}/(1-e^{-sb}) * p; enables the cached sampler that skips the network when no
+    # token changed.
     time_conditioning: bool = True
     name: str = "custom"
 
@@ -90,39 +94,157 @@ def model_size(name: str) -> ModelConfig:
     return MODEL_SIZES[name]()
 
 
+# Keys that were flat DiffusionConfig fields before each component owned its parameters
+# (then "geometric only"), with the value every old config holds for another noise.
+_LEGACY_NOISE_KEYS = {"sigma_min": 1e-4, "sigma_max": 20.0}
+
+
 @dataclass
 class DiffusionConfig:
-    """Which graph and noise schedule; the SEDD math lives in :mod:`sedd_ray.diffusion`."""
+    """Which graph and noise schedule, and their parameters; the math is :mod:`sedd_ray.diffusion`.
+
+    ``graph_params`` / ``noise_params`` hold the chosen component's own parameters, as its
+    constructor declares them (``Geometric``: ``sigma_min``, ``sigma_max``; ``LogLinear``:
+    ``eps``; a component registered from outside the package: its own), typed and checked
+    against the declaration; a parameter left out takes the component's default. Flags
+    and dotted keys: ``--sigma-min`` (a short name, see :func:`short_names`) or
+    ``--set diffusion.noise_params.eps=1e-4``. The old flat keys ``diffusion.sigma_min`` /
+    ``diffusion.sigma_max`` are still read (moved into ``noise_params``).
+    """
 
     graph: str = "absorb"
     noise: str = "loglinear"
-    sigma_min: float = 1e-4  # geometric only
-    sigma_max: float = 20.0  # geometric only
+    graph_params: dict[str, Any] = field(default_factory=dict)
+    noise_params: dict[str, Any] = field(default_factory=dict)
     eps_t: float = 1e-3  # t ~ U(eps_t, 1) in training and evaluation
     antithetic: bool = True  # antithetic / stratified t across the batch in training
     sampling_eps: float = 1e-5
 
-    def validate(self) -> None:
-        from sedd_ray.diffusion import GRAPHS, NOISES  # the math never imports config
+    @classmethod
+    def upgrade_dict(cls, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """Read the old flat ``sigma_min`` / ``sigma_max`` keys into ``noise_params``.
 
-        _check(
-            self.graph in GRAPHS,
-            f"unknown graph {self.graph!r}; valid graphs: {', '.join(sorted(GRAPHS))}",
-        )
-        _check(
-            self.noise in NOISES,
-            f"unknown noise {self.noise!r}; valid noises: {', '.join(sorted(NOISES))}",
-        )
-        _check(
-            0 < self.sigma_min < self.sigma_max,
-            f"need 0 < diffusion.sigma_min < diffusion.sigma_max, got {self.sigma_min} and "
-            f"{self.sigma_max}; the SEDD paper uses 1e-4 and 20",
-        )
+        Every old config holds them, for any noise; at their old defaults (which are
+        geometric's defaults) they change nothing and are dropped, any other value moves
+        into ``noise_params`` (where validation names the noise that takes it). Needs no
+        registry, so reading a config never imports torch.
+        """
+        d = dict(d)
+        params = _coerce_mapping(d.get("noise_params") or {}, prefix + "noise_params")
+        for key, old_default in _LEGACY_NOISE_KEYS.items():
+            if key in d:
+                value = d.pop(key)
+                if key in params or _coerce(value, float, prefix + key) != old_default:
+                    params[key] = value
+        if params or "noise_params" in d:
+            d["noise_params"] = params
+        return d
+
+    def resolved_params(self, kind: str) -> dict[str, Any]:
+        """The ``kind`` ("graph" or "noise") component's parameters: declared defaults
+        overlaid with the given ones, each coerced to its declared type.
+
+        Raises :class:`ConfigError` for an unknown component, an undeclared parameter (with
+        "did you mean") or a value of the wrong type.
+        """
+        name = getattr(self, kind)
+        given = getattr(self, f"{kind}_params")
+        where = f"diffusion.{kind}_params"
+        _check(isinstance(given, Mapping), f"{where} must be a mapping of parameter -> value, "
+               f"got {given!r}")
+        declared = _component_params(kind, name)
+        _check(declared is not None, f"unknown {kind} {name!r}; valid {kind}s: "
+               f"{', '.join(_registry(kind).names())}")
+        for key in given:
+            if key not in declared:
+                close = difflib.get_close_matches(str(key), list(declared), n=1)
+                owners = [n for n in _registry(kind).names()
+                          if key in _registry(kind).get(n).params()]
+                hint = (f" (it belongs to --{kind} {' or --'.join(owners)})" if owners
+                        else f" (did you mean {where}.{close[0]}?)" if close else "")
+                raise ConfigError(f"unknown config key {where}.{key}{hint}: the {name} {kind} "
+                                  f"takes {', '.join(declared) or 'no parameters'}")
+        out = {}
+        for key, p in declared.items():
+            if key in given:
+                out[key] = _coerce(given[key], p.type, f"{where}.{key}")
+            else:
+                _check(p.default is not _required(), f"{where}.{key} is required by the "
+                       f"{name} {kind}; set it with --set {where}.{key}=VALUE")
+                out[key] = p.default
+        return out
+
+    def build_noise(self) -> Any:
+        """The configured :class:`~sedd_ray.diffusion.Noise`; raises :class:`ConfigError`."""
+        from sedd_ray.diffusion import get_noise
+
+        params = self.resolved_params("noise")
+        try:
+            return get_noise(self.noise, **params)
+        except ValueError as e:
+            raise ConfigError(f"diffusion.noise_params ({self.noise}): {e}") from None
+
+    def build_graph(self, vocab_size: int) -> Any:
+        """The configured :class:`~sedd_ray.diffusion.Graph` over ``vocab_size`` real tokens."""
+        from sedd_ray.diffusion import get_graph
+
+        params = self.resolved_params("graph")
+        try:
+            return get_graph(self.graph, vocab_size, **params)
+        except ValueError as e:
+            raise ConfigError(f"diffusion.graph_params ({self.graph}): {e}") from None
+
+    def validate(self) -> None:
+        for kind in ("graph", "noise"):
+            # store the typed values (a CLI gives strings); defaults stay implicit
+            params = self.resolved_params(kind)
+            setattr(self, f"{kind}_params",
+                    {k: params[k] for k in getattr(self, f"{kind}_params")})
+        self.build_noise()
+        self.build_graph(_PROBE_VOCAB)
         _check(0 < self.eps_t < 0.5, f"diffusion.eps_t must be in (0, 0.5), got {self.eps_t}")
         _check(
             0 < self.sampling_eps < 0.5,
             f"diffusion.sampling_eps must be in (0, 0.5), got {self.sampling_eps}",
         )
+
+    def flat(self) -> dict[str, Any]:
+        """``key -> scalar`` of this section, with each component's parameters resolved
+        (defaults included) as ``graph_params.<name>`` / ``noise_params.<name>``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("graph_params", "noise_params"):
+                kind = f.name.split("_")[0]
+                try:
+                    value = self.resolved_params(kind)
+                except ConfigError:
+                    pass  # an invalid config still shows what it holds
+                out.update({f"{f.name}.{k}": v for k, v in value.items()})
+            else:
+                out[f.name] = value
+        return out
+
+
+_PROBE_VOCAB = 16  # a graph's parameters are checked by building it over this many tokens
+
+
+def _required() -> Any:
+    from sedd_ray.diffusion.params import REQUIRED
+
+    return REQUIRED
+
+
+def _registry(kind: str) -> Any:
+    from sedd_ray.diffusion import GRAPHS, NOISES  # the math never imports config
+
+    return {"graph": GRAPHS, "noise": NOISES}[kind]
+
+
+def _component_params(kind: str, name: str) -> dict[str, Any] | None:
+    """The declared parameters of the ``kind`` registered as ``name`` (None if unknown)."""
+    registry = _registry(kind)
+    return registry.get(name).params() if name in registry else None
 
 
 @dataclass
@@ -280,9 +402,12 @@ class RunConfig:
             f"{self.model.max_seq_len}",
         )
         if not self.model.time_conditioning:
+            graphs = _registry("graph")
+            ok = [n for n in graphs.names() if graphs.get(n).time_independent_ok]
             _check(
-                self.diffusion.graph == "absorb",
-                "model.time_conditioning=False (RADD) needs the absorbing graph; use --graph absorb",
+                graphs.get(self.diffusion.graph).time_independent_ok,
+                f"model.time_conditioning=False (RADD) needs a graph whose score factorises "
+                f"over time (the absorbing graph); use --graph {' or --graph '.join(ok)}",
             )
         return self
 
@@ -309,9 +434,16 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
     def flat(self) -> dict[str, Any]:
-        """Flattened ``section.key -> value`` view (for Parquet columns, wandb config)."""
+        """Flattened ``section.key -> scalar`` view (for Parquet columns, wandb config).
+
+        The diffusion section's component parameters come out resolved (defaults
+        included) one level deeper: ``diffusion.noise_params.sigma_min``, ...
+        (:meth:`DiffusionConfig.flat`); ``from_dict`` of the unflattened view reads it back.
+        """
         out: dict[str, Any] = {}
         for section, values in self.to_dict().items():
+            if section == "diffusion":
+                values = self.diffusion.flat()
             if isinstance(values, dict):
                 for k, v in values.items():
                     out[f"{section}.{k}"] = v
@@ -320,7 +452,24 @@ class RunConfig:
         return out
 
 
+def _coerce_mapping(value: Any, where: str) -> dict[str, Any]:
+    """A ``dict`` from a mapping or its JSON text (``--set diffusion.noise_params={...}``,
+    a JSON column of a Parquet row)."""
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            pass
+    if not isinstance(parsed, Mapping):
+        raise ConfigError(f"{where} must be a mapping of name -> value (or its JSON text), "
+                          f"got {value!r}")
+    return {str(k): v for k, v in parsed.items()}
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if typing.get_origin(typ) is dict:
+        return _coerce_mapping(value, where)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -364,6 +513,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(d, Mapping):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
+    upgrade = getattr(cls, "upgrade_dict", None)
+    if upgrade is not None:
+        d = upgrade(d, prefix)
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = [k for k in d if k not in names]
@@ -480,17 +632,26 @@ _ARCH_FIELDS = ("hidden_size", "n_layers", "n_heads", "cond_dim", "max_seq_len",
 def short_names() -> dict[str, str]:
     """Map each config leaf whose name is unique across sections to its dotted path.
 
-    ``lr -> optim.lr``, ``graph -> diffusion.graph``, ``steps -> train.steps``, ... A new
-    config field gets a short name (a CLI flag and a study parameter) for free.
+    ``lr -> optim.lr``, ``graph -> diffusion.graph``, ``steps -> train.steps``,
+    ``sigma_min -> diffusion.noise_params.sigma_min``, ... A new config field, or a
+    parameter of a registered graph or noise, gets a short name (a CLI flag and a study
+    parameter) for free when its name is unambiguous (loglinear's ``eps`` is not: it is
+    ``diffusion.noise_params.eps``).
     """
-    seen: dict[str, list[str]] = {}
+    seen: dict[str, set[str]] = {}
     for section in fields(RunConfig):
         typ = get_type_hints(RunConfig)[section.name]
         if not dataclasses.is_dataclass(typ):
             continue
         for f in fields(typ):
-            seen.setdefault(f.name, []).append(f"{section.name}.{f.name}")
-    return {k: v[0] for k, v in seen.items() if len(v) == 1 and k != "name"}
+            if f.name not in ("graph_params", "noise_params"):
+                seen.setdefault(f.name, set()).add(f"{section.name}.{f.name}")
+    for kind in ("graph", "noise"):  # every registered component's declared parameters
+        registry = _registry(kind)
+        for name in registry.names():
+            for p in registry.get(name).params():
+                seen.setdefault(p, set()).add(f"diffusion.{kind}_params.{p}")
+    return {k: v.pop() for k, v in seen.items() if len(v) == 1 and k != "name"}
 
 
 def apply_params(cfg: RunConfig, params: Mapping[str, Any]) -> RunConfig:

@@ -15,15 +15,17 @@ rotary q/k, bidirectional ``scaled_dot_product_attention`` (no mask), GELU(tanh)
 each residual branch multiplied by a gate from c. The modulation Linears and the final
 projection start at zero, so every block starts as the identity and the raw output as 0.
 
-Post-processing, in float32 even under bf16 autocast (the loss exponentiates it):
-- absorbing with ``cfg.scale_by_sigma``: raw - log(expm1(sigma_bar)) - log(N), so at init
-  the scores over the N real tokens sum to 1/expm1(sigma_bar), the true total at a mask.
-  ``scale_by_sigma`` has no effect on the uniform graph (as in the official code).
-- ``cfg.time_conditioning=False`` (RADD, absorbing only): the network never sees sigma_bar
-  and predicts p(x0 | x_t) over the N real tokens (out = N). The score is
-  e^{-sb}/(1 - e^{-sb}) p = p / expm1(sb), so log-score = log_softmax(raw) - log(expm1(sb));
-  the mask column is the finite MASK_LOG_SCORE.
-- every graph: the current token's log-score is 0 (score 1), the loss's convention.
+Post-processing, in float32 even under bf16 autocast (the loss exponentiates it), is the
+graph's: ``graph.output_log_score(raw, x_t, sigma_bar, scale_by_sigma, time_independent)``
+(:meth:`sedd_ray.diffusion.Graph.output_log_score`), so a module may run the backbone at one
+sigma_bar and post-process at another (:meth:`ScoreModel.log_score_from_raw`). Every graph
+sets the current token's log-score to 0 (score 1, the loss's convention); the absorbing
+graph, with ``cfg.scale_by_sigma``, subtracts log(expm1(sigma_bar)) + log(N) (other graphs
+ignore it, as in the official code).
+- ``cfg.time_conditioning=False`` (RADD; graphs with ``time_independent_ok``, i.e. absorbing):
+  the network never sees sigma_bar and predicts p(x0 | x_t) over the N real tokens
+  (out = N). The score is e^{-sb}/(1 - e^{-sb}) p = p / expm1(sb), so log-score =
+  log_softmax(raw) - log(expm1(sb)); the mask column is the finite MASK_LOG_SCORE.
 """
 
 from __future__ import annotations
@@ -35,20 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sedd_ray.config import ModelConfig
+from sedd_ray.diffusion.graphs import MASK_LOG_SCORE, Graph, log_expm1
+
+__all__ = ["MASK_LOG_SCORE", "ScoreModel", "count_parameters", "log_expm1"]
 
 FREQ_EMBED_DIM = 256  # width of the sinusoidal sigma_bar features (official value)
-MASK_LOG_SCORE = -1e4  # RADD: log-score of jumping to the mask; exp() is exactly 0 in float32
-
-
-def log_expm1(x: torch.Tensor) -> torch.Tensor:
-    """log(e^x - 1) in float32; finite for x from ~1e-38 up to float32's max.
-
-    expm1 keeps small x exact; for x >= 1 the form x + log1p(-e^{-x}) never overflows.
-    """
-    x = x.float()
-    small = torch.log(torch.expm1(x.clamp(max=1.0)))
-    large = x + torch.log1p(-torch.exp(-x.clamp(min=1.0)))
-    return torch.where(x < 1.0, small, large)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = FREQ_EMBED_DIM, max_period: float = 1e4):
@@ -150,24 +143,22 @@ class FinalLayer(nn.Module):
 class ScoreModel(nn.Module):
     """The score network s_theta(x_t, sigma_bar) for one graph; see the module docstring.
 
-    graph needs: ``dim`` (input/output width), ``vocab_size`` (N), ``absorb`` (bool) and
-    ``mask_id`` (N for absorbing). Inputs are not range-checked (that would sync the GPU):
-    x_t must lie in [0, graph.dim).
+    graph: a :class:`sedd_ray.diffusion.Graph` (``dim``, ``vocab_size``, ``output_dim``,
+    ``output_log_score``, ``time_independent_ok``). Inputs are not range-checked (that
+    would sync the GPU): x_t must lie in [0, graph.dim).
     """
 
-    def __init__(self, cfg: ModelConfig, graph) -> None:
+    def __init__(self, cfg: ModelConfig, graph: Graph) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.graph = graph
         self.dim, self.vocab_size, self.absorb = graph.dim, graph.vocab_size, graph.absorb
         self.time_independent = not cfg.time_conditioning
-        if self.absorb and graph.mask_id != self.dim - 1:
-            raise ValueError(f"absorbing graph must put the mask last: mask_id {graph.mask_id} "
-                             f"!= dim - 1 = {self.dim - 1}")
-        if self.time_independent and not self.absorb:
-            raise ValueError("model.time_conditioning=False (RADD) needs the absorbing graph; "
-                             "use --graph absorb or keep time conditioning on")
-        self.scale_by_sigma = cfg.scale_by_sigma and self.absorb and not self.time_independent
+        if self.time_independent and not graph.time_independent_ok:
+            raise ValueError("model.time_conditioning=False (RADD) needs a graph whose score "
+                             "factorises over time (the absorbing graph); use --graph absorb "
+                             "or keep time conditioning on")
 
         h = cfg.hidden_size
         self.embed = nn.Embedding(self.dim, h)
@@ -182,14 +173,14 @@ class ScoreModel(nn.Module):
                 nn.Linear(cfg.cond_dim, cfg.cond_dim),
             )
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
-        out = self.vocab_size if self.time_independent else self.dim
-        self.output_layer = FinalLayer(h, out, cfg.cond_dim)
+        self.output_layer = FinalLayer(h, graph.output_dim(self.time_independent), cfg.cond_dim)
 
     def backbone(self, x_t: torch.Tensor, sigma_bar: torch.Tensor | None) -> torch.Tensor:
         """Raw network output (B, L, out) float32, before any post-processing.
 
-        out = N for the time-independent (RADD) model, which ignores sigma_bar (pass None),
-        else graph.dim.
+        out = graph.output_dim(time_independent): N for the time-independent (RADD)
+        model, which ignores sigma_bar (pass None), else graph.dim.
+        :meth:`log_score_from_raw` turns it into log-scores.
         """
         return self._raw(x_t, sigma_bar).float()
 
@@ -218,18 +209,19 @@ class ScoreModel(nn.Module):
         if sigma_bar.numel() not in (1, B):
             raise ValueError(f"sigma_bar must have shape (B,) = ({B},), got {tuple(sigma_bar.shape)}")
         sigma_bar = sigma_bar.expand(B)
-        # Post-processing allocates one (B, L, dim) float32 tensor and edits it in place
-        # (the (B, L, dim) output is the largest activation of the model).
-        if self.time_independent:
-            log_p = self._raw(x_t, None).float().log_softmax(dim=-1)
-            return self.log_score_from_denoiser(log_p, x_t, sigma_bar)
-        raw = self._raw(x_t, sigma_bar)
-        if self.scale_by_sigma:
-            shift = log_expm1(sigma_bar) + math.log(self.dim - 1)  # (B,) float32
-            log_score = raw - shift[:, None, None]  # float32 even for a bfloat16 raw
-        else:
-            log_score = raw.float()
-        return log_score.scatter_(-1, x_t[..., None], 0.0)
+        raw = self._raw(x_t, None if self.time_independent else sigma_bar)
+        return self.log_score_from_raw(raw, x_t, sigma_bar)
+
+    def log_score_from_raw(self, raw: torch.Tensor, x_t: torch.Tensor,
+                           sigma_bar: torch.Tensor) -> torch.Tensor:
+        """The graph's post-processing of a raw output: log-scores (B, L, dim) float32.
+
+        ``raw`` (B, L, out) from :meth:`backbone` (possibly at another sigma_bar), ``x_t``
+        (B, L), ``sigma_bar`` (B,) float32. ``forward(x_t, sb)`` is exactly
+        ``log_score_from_raw(backbone(x_t, sb), x_t, sb)``. May write into a float32 raw.
+        """
+        return self.graph.output_log_score(raw, x_t, sigma_bar, self.cfg.scale_by_sigma,
+                                           self.time_independent)
 
     def log_score_from_denoiser(self, log_p: torch.Tensor, x_t: torch.Tensor,
                                 sigma_bar: torch.Tensor) -> torch.Tensor:
@@ -239,11 +231,7 @@ class ScoreModel(nn.Module):
         ``log_score_from_denoiser(denoiser_logprobs(x_t), x_t, sigma_bar)``, bit for bit:
         a sampler that caches :meth:`denoiser_logprobs` reproduces it.
         """
-        B, L = x_t.shape
-        sigma_bar = sigma_bar.to(torch.float32).expand(B)
-        log_score = F.pad(log_p, (0, 1), value=MASK_LOG_SCORE)  # (B, L, N + 1)
-        log_score[..., :-1].sub_(log_expm1(sigma_bar)[:, None, None])
-        return log_score.scatter_(-1, x_t[..., None], 0.0)
+        return self.graph.denoiser_log_score(log_p, x_t, sigma_bar)
 
     def denoiser_logprobs(self, x_t: torch.Tensor) -> torch.Tensor:
         """RADD only: log p(x0 | x_t) over the N real tokens, (B, L) -> (B, L, N) float32.

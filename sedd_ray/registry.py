@@ -35,6 +35,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (e.g. a plug-in registered for one test) and return its object."""
+        self.get(name)  # an unknown name lists the valid ones
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise ValueError(

@@ -88,7 +88,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     """Load a checkpoint directory for sampling; raises CheckpointError with the reason."""
     from tokenizers import Tokenizer
 
-    from sedd_ray.diffusion import get_graph, get_noise
     from sedd_ray.model import ScoreModel
     from sedd_ray.trainer import TOKENIZER_FILE
 
@@ -111,10 +110,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             f"checkpoint {path}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
             f"was trained with vocab_size {vocab}"
         )
-    graph = get_graph(cfg.diffusion.graph, vocab_size=vocab)
-    d = cfg.diffusion
-    noise = (get_noise("geometric", sigma_min=d.sigma_min, sigma_max=d.sigma_max)
-             if d.noise == "geometric" else get_noise(d.noise))
+    graph = cfg.diffusion.build_graph(vocab)
+    noise = cfg.diffusion.build_noise()
     model = ScoreModel(cfg.model, graph)
     if "ema" not in state:
         raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights")

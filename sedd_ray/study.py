@@ -554,7 +554,6 @@ def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
 
 _LR = Float(3e-4, 3e-3, log=True)
 _WARMUP = Int(10, 100)
-_NOISE = Choice(["geometric", "loglinear"])
 _SIGMA_MIN = Float(1e-5, 1e-3, log=True, when={"noise": "geometric"})
 
 
@@ -562,8 +561,10 @@ _SIGMA_MIN = Float(1e-5, 1e-3, log=True, when={"noise": "geometric"})
 def graph_ablation(**kw: Any) -> StudySpec:
     """Uniform vs absorbing; noise schedule, lr and warm-up tuned within each graph."""
     kw.setdefault("name", "graph-ablation")  # --name renames it
-    return StudySpec(ablate="graph", levels=["uniform", "absorb"],
-                     space={"lr": _LR, "warmup_steps": _WARMUP, "noise": _NOISE,
+    from sedd_ray.diffusion import GRAPHS, NOISES  # registries, not lists (imports torch)
+
+    return StudySpec(ablate="graph", levels=GRAPHS.names(),
+                     space={"lr": _LR, "warmup_steps": _WARMUP, "noise": Choice(NOISES.names()),
                             "sigma_min": _SIGMA_MIN}, **kw)
 
 
@@ -572,7 +573,9 @@ def noise_ablation(graph: str = "absorb", **kw: Any) -> StudySpec:
     """Geometric vs loglinear for one graph; lr and warm-up tuned within each schedule."""
     kw.setdefault("name", f"noise-ablation-{graph}")
     kw["fixed"] = {"graph": graph, **kw.get("fixed", {})}
-    return StudySpec(ablate="noise", levels=["geometric", "loglinear"],
+    from sedd_ray.diffusion import NOISES  # registries, not lists (imports torch)
+
+    return StudySpec(ablate="noise", levels=NOISES.names(),
                      space={"lr": _LR, "warmup_steps": _WARMUP,
                             "sigma_min": _SIGMA_MIN}, **kw)
 
@@ -589,8 +592,10 @@ def model_size_sweep(sizes: Sequence[str] = ("tiny", "mini", "base"), **kw: Any)
 def joint_search(**kw: Any) -> StudySpec:
     """Optuna over every axis together."""
     kw.setdefault("name", "search")
+    from sedd_ray.diffusion import GRAPHS, NOISES  # registries, not lists (imports torch)
+
     return StudySpec(space={
-        "graph": Choice(["uniform", "absorb"]), "noise": _NOISE, "sigma_min": _SIGMA_MIN,
+        "graph": Choice(GRAPHS.names()), "noise": Choice(NOISES.names()), "sigma_min": _SIGMA_MIN,
         "lr": _LR, "warmup_steps": _WARMUP, "batch_size": Choice([8, 16, 32]),
     }, **kw)
 

@@ -44,8 +44,6 @@ from sedd_ray.config import RunConfig, apply_params
 from sedd_ray.data import DataBundle, load_data
 from sedd_ray.diffusion import (
     elbo_nll,
-    get_graph,
-    get_noise,
     model_score_fn,
     sample,
     score_entropy_loss,
@@ -315,12 +313,8 @@ class Trainer:
         self.data = bundle
         if self.is_main:  # only once the data is good: a bad corpus leaves no folder behind
             ckpt.ensure_writable_dir(self.out)  # read-only or full disk: fails before step 1
-        self.graph = get_graph(cfg.diffusion.graph, vocab_size=bundle.vocab_size)
-        d = cfg.diffusion
-        self.noise = (
-            get_noise("geometric", sigma_min=d.sigma_min, sigma_max=d.sigma_max)
-            if d.noise == "geometric" else get_noise(d.noise)
-        )
+        self.graph = cfg.diffusion.build_graph(bundle.vocab_size)
+        self.noise = cfg.diffusion.build_noise()
         torch.manual_seed(_derive_seed(t.seed, 1))  # identical initial weights on all ranks
         self._build_model()
         self._build_optimizer()

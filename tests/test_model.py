@@ -120,6 +120,26 @@ def test_radd_output_is_time_independent_up_to_expm1():
     torch.testing.assert_close(logp[masked], (o1[..., :N] + log_expm1(s1)[:, None, None])[masked])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_is_backbone_then_the_graphs_post_processing(kind):
+    """forward(x, sb) = log_score_from_raw(backbone(x, sb), x, sb), bit for bit, and the
+    post-processing may use another sigma_bar than the backbone saw (issue 15's bound)."""
+    model = make(kind, perturb=True)
+    x, s = inputs(model)
+    seen = None if model.time_independent else s
+    assert torch.equal(model(x, s), model.log_score_from_raw(model.backbone(x, seen), x, s))
+    other = s * 1.7
+    shifted = model.log_score_from_raw(model.backbone(x, seen), x, other)
+    if kind == "uniform":  # no sigma_bar in the uniform graph's post-processing
+        assert torch.equal(shifted, model.log_score_from_raw(model.backbone(x, seen), x, s))
+    else:  # absorbing: only the log(expm1(sigma_bar)) shift moves, on the real tokens
+        delta = (log_expm1(s) - log_expm1(other))[:, None, None]
+        own = torch.zeros_like(shifted, dtype=torch.bool).scatter(-1, x[..., None], True)
+        base = model(x, s)
+        torch.testing.assert_close(shifted[..., :N][~own[..., :N]],
+                                   (base[..., :N] + delta)[~own[..., :N]])
+
+
 @pytest.mark.parametrize("kind", ["absorb", "uniform"])
 def test_time_conditioned_network_sees_sigma(kind):
     model = make(kind, perturb=True)

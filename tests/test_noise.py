@@ -1,4 +1,4 @@
-"""Noise schedules: one property suite run over every registered schedule."""
+"""Noise schedules: the shared property suite (tests/suites.py) over every registered one."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from suites import NoiseSuite
 
 from sedd_ray.diffusion import NOISES, Noise, get_noise
 
@@ -15,31 +16,8 @@ def noise(request) -> Noise:
     return get_noise(request.param)
 
 
-class TestNoiseProperties:
-    """Every registered noise must satisfy these (parametrised over NOISES.names())."""
-
-    def test_rate_is_autograd_derivative(self, noise):
-        t = torch.linspace(0.0, 1.0, 101, dtype=torch.float64).requires_grad_()
-        sigma_bar, dsigma = noise(t)
-        (grad,) = torch.autograd.grad(sigma_bar.sum(), t)
-        torch.testing.assert_close(dsigma.detach(), grad, rtol=1e-10, atol=1e-12)
-
-    def test_positive_increasing_and_shaped(self, noise):
-        t = torch.linspace(0.0, 1.0, 257).reshape(257, 1)
-        sigma_bar, dsigma = noise(t)
-        assert sigma_bar.shape == dsigma.shape == (257, 1)
-        assert sigma_bar.dtype == dsigma.dtype == torch.float32
-        assert (sigma_bar >= 0).all() and (dsigma > 0).all()
-        assert (sigma_bar[1:] > sigma_bar[:-1]).all()
-        assert torch.isfinite(sigma_bar).all() and torch.isfinite(dsigma).all()
-
-    def test_noisy_end_is_nearly_the_limit(self, noise):
-        sigma_bar, _ = noise(torch.tensor([1.0]))
-        assert sigma_bar.item() > 5.0  # e^{-sigma_bar} < 1%: the limit is almost reached
-
-    def test_keeps_dtype_and_device(self, noise):
-        sigma_bar, dsigma = noise(torch.tensor([0.3], dtype=torch.float64))
-        assert sigma_bar.dtype == dsigma.dtype == torch.float64
+class TestNoiseProperties(NoiseSuite):
+    """The shared suite (tests/suites.py) over every registered schedule."""
 
 
 def test_loglinear_mask_probability_is_linear():

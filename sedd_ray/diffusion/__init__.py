@@ -2,11 +2,15 @@
 
 Nothing here imports Ray or :mod:`sedd_ray.config`. Graphs, noises and predictors are
 looked up by name in registries (:data:`GRAPHS`, :data:`NOISES`, :data:`PREDICTORS`); an
-unknown name raises ``ValueError`` listing the valid ones.
+unknown name raises ``ValueError`` listing the valid ones. A graph or noise registered from
+outside the package is a first-class citizen: its constructor's typed keywords are its
+parameters (:class:`Param`), and everything the code does differently for a graph is a
+:class:`Graph` method (see ``docs/extending.md``).
 """
 
 from sedd_ray.diffusion.graphs import (
     GRAPHS,
+    MASK_LOG_SCORE,
     Absorbing,
     Graph,
     Uniform,
@@ -14,7 +18,15 @@ from sedd_ray.diffusion.graphs import (
     sample_categorical,
 )
 from sedd_ray.diffusion.loss import elbo_nll, sample_times, score_entropy_loss
-from sedd_ray.diffusion.noise import NOISES, Geometric, LogLinear, Noise, get_noise
+from sedd_ray.diffusion.noise import (
+    NOISES,
+    Geometric,
+    LogLinear,
+    MaskConditioned,
+    Noise,
+    get_noise,
+)
+from sedd_ray.diffusion.params import Param
 from sedd_ray.diffusion.sampling import (
     PREDICTORS,
     DenoiserScore,
@@ -29,6 +41,7 @@ from sedd_ray.diffusion.sampling import (
 
 __all__ = [
     "GRAPHS",
+    "MASK_LOG_SCORE",
     "NOISES",
     "PREDICTORS",
     "Absorbing",
@@ -36,7 +49,9 @@ __all__ = [
     "Geometric",
     "Graph",
     "LogLinear",
+    "MaskConditioned",
     "Noise",
+    "Param",
     "Uniform",
     "analytic_step",
     "conditioning_from_prefix_suffix",

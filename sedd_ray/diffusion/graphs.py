@@ -1,7 +1,10 @@
 """Forward processes of SEDD: the rate matrix Q of each graph, in closed form.
 
-Register a new graph with ``@GRAPHS.register("name")``; the shared property tests in
-``tests/test_graphs.py`` then check it against a dense matrix exponential for free.
+Register a new graph with ``@GRAPHS.register("name")`` (from anywhere: see
+``docs/extending.md``); the shared property suite in ``tests/suites.py`` checks it
+against a dense matrix exponential. Everything the rest of the code does differently for
+a graph is a method or capability of :class:`Graph` with a default (the ELBO's path noise,
+the model's output parameterisation, RADD time-independence, the fused score entropy).
 """
 
 from __future__ import annotations
@@ -11,18 +14,37 @@ import math
 import operator
 
 import torch
+import torch.nn.functional as F
 
+from sedd_ray.diffusion.noise import MaskConditioned, Noise
+from sedd_ray.diffusion.params import Param, check_param_names, declared_params
 from sedd_ray.registry import Registry
 
 GRAPHS: Registry[type[Graph]] = Registry("graph")
 
+MASK_LOG_SCORE = -1e4  # RADD: log-score of jumping to the mask; exp() is exactly 0 in float32
 
-def get_graph(name: str, vocab_size: int) -> Graph:
-    """The graph registered as ``name`` over ``vocab_size`` real tokens.
 
-    Unknown names raise ``ValueError`` listing the valid ones.
+def get_graph(name: str, vocab_size: int, **params: float | int | bool | str) -> Graph:
+    """The graph registered as ``name`` over ``vocab_size`` real tokens, with ``params``.
+
+    Unknown names raise ``ValueError`` listing the valid ones; a parameter the graph does
+    not declare raises ``TypeError`` naming the ones it does (:meth:`Graph.params`).
     """
-    return GRAPHS.get(name)(vocab_size)
+    cls = GRAPHS.get(name)
+    check_param_names("graph", name, params, cls.params())
+    return cls(vocab_size, **params)
+
+
+def log_expm1(x: torch.Tensor) -> torch.Tensor:
+    """log(e^x - 1) in float32; finite for x from ~1e-38 up to float32's max.
+
+    expm1 keeps small x exact; for x >= 1 the form x + log1p(-e^{-x}) never overflows.
+    """
+    x = x.float()
+    small = torch.log(torch.expm1(x.clamp(max=1.0)))
+    large = x + torch.log1p(-torch.exp(-x.clamp(min=1.0)))
+    return torch.where(x < 1.0, small, large)
 
 
 # --- small helpers shared by graphs and the sampler -------------------------------------------
@@ -94,6 +116,8 @@ class Graph(abc.ABC):
 
     - ``Q`` is ``(dim, dim)``; ``Q[y, x] >= 0`` is the rate of jumping from ``x`` to
       ``y != x`` and each column sums to zero.
+    - States ``0 .. vocab_size - 1`` are the real tokens (what ``x_0`` and a finished
+      sample hold); any extra state comes after them (a mask is always the last state).
     - Forward marginal: ``p_t(x_t | x_0) = exp(sigma_bar(t) Q)[x_t, x_0]``, where
       ``sigma_bar`` is the total noise of the schedule (:mod:`sedd_ray.diffusion.noise`).
     - Reverse process: ``Qbar_t[y, x] = Q[x, y] * p_t(y) / p_t(x)`` for ``y != x``. The
@@ -108,13 +132,34 @@ class Graph(abc.ABC):
       ``s_y = r_y``. Subclasses keep the terms with a large ratio (``r ~ 1/sigma_bar``) in
       the phi form: in the first form their two halves (~ r log r each) cancel in float32.
       Training weights SE by ``sigma(t)``; see :mod:`sedd_ray.diffusion.loss`.
-    - Tweedie step back from ``sigma`` to ``sigma - d``:
-      ``p(x_{sigma-d} = y | x_sigma = x) = [exp(-d Q) s]_y * exp(d Q)[x, y]``, i.e.
+    - Tweedie step back from ``sigma_bar`` to ``sigma_bar - d``:
+      ``p(x_{sigma_bar-d} = y | x_sigma_bar = x) = [exp(-d Q) s]_y * exp(d Q)[x, y]``, i.e.
       ``staggered_score(s, d) * transp_transition(x, d)``.
 
-    Shapes: ``i``, ``x``, ``x0`` are LongTensors ``(*batch)``, e.g. ``(B, L)``; ``sigma``
-    broadcasts against them, e.g. ``(B, 1)``; vectors over states are ``(*batch, dim)``.
+    What a subclass must write: ``dim``, ``rate``, ``transp_rate``, ``transition``,
+    ``transp_transition``, ``forward_marginal``, ``staggered_score``, ``sample_limit``,
+    ``prior_kl``. Everything else has a generic default it may override: the score
+    entropy (:meth:`score_entropy`, dense over ``dim``), the step distributions, the
+    ELBO's path noise (:meth:`path_noise`), the model's output (:meth:`output_log_score`).
+
+    Capabilities (class attributes, default off):
+
+    - ``fused_score_entropy``: :meth:`score_entropy` allocates one ``(*, dim)`` tensor
+      (forward and backward together); the performance tests hold such a graph to it.
+    - ``time_independent_ok``: the score factorises as ``p(x_0 | x_t) f(sigma_bar)`` (RADD),
+      so a network without time conditioning works (:meth:`denoiser_log_score`).
+
+    Constructor parameters after ``vocab_size`` are the graph's typed, configurable
+    parameters (:meth:`params`; ``diffusion.graph_params`` in the run config).
+
+    Shapes: ``i``, ``x``, ``x0`` are LongTensors ``(*batch)``, e.g. ``(B, L)``;
+    ``sigma_bar`` broadcasts against them, e.g. ``(B, 1)``; vectors over states are
+    ``(*batch, dim)``.
     """
+
+    fused_score_entropy: bool = False
+    time_independent_ok: bool = False
+    default_noise: str = "geometric"  # the schedule the graph is built for (experiments' pick)
 
     def __init__(self, vocab_size: int) -> None:
         try:
@@ -125,8 +170,14 @@ class Graph(abc.ABC):
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
         self.vocab_size = vocab_size
 
+    @classmethod
+    def params(cls) -> dict[str, Param]:
+        """The graph's declared parameters: its constructor's keywords after ``vocab_size``."""
+        return declared_params(cls, fixed=("vocab_size",))
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size}, dim={self.dim})"
+        extra = "".join(f", {k}={getattr(self, k, '?')!r}" for k in self.params())
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}{extra}, dim={self.dim})"
 
     @property
     @abc.abstractmethod
@@ -161,46 +212,38 @@ class Graph(abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Column ``i`` of ``exp(sigma Q)``: ``p(x_t = . | x_0 = i)``. ``(*) -> (*, dim)``."""
+    def transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        """Column ``i`` of ``exp(sigma_bar Q)``: ``p(x_t = . | x_0 = i)``. ``(*) -> (*, dim)``."""
         raise NotImplementedError
 
     @abc.abstractmethod
-    def transp_transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Row ``i`` of ``exp(sigma Q)``: ``p(x_t = i | x_0 = .)``. ``(*) -> (*, dim)``."""
+    def transp_transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        """Row ``i`` of ``exp(sigma_bar Q)``: ``p(x_t = i | x_0 = .)``. ``(*) -> (*, dim)``."""
         raise NotImplementedError
 
     @abc.abstractmethod
-    def forward_marginal(self, p0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """``p_t = exp(sigma Q) p0`` for a distribution over real tokens.
+    def forward_marginal(self, p0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        """``p_t = exp(sigma_bar Q) p0`` for a distribution over real tokens.
 
-        ``p0`` ``(*, vocab_size)``, ``sigma`` broadcastable to ``p0.shape[:-1]`` ->
+        ``p0`` ``(*, vocab_size)``, ``sigma_bar`` broadcastable to ``p0.shape[:-1]`` ->
         ``(*', dim)`` (the broadcast batch shape).
         """
         raise NotImplementedError
 
-    def sample_transition(self, i: torch.Tensor, sigma: torch.Tensor | float,
+    def sample_transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``x_t ~ p(. | x_0 = i)``. ``i`` (*), ``sigma`` broadcastable -> (*) long."""
-        return sample_categorical(self.transition(i, sigma), generator)
+        """Draw ``x_t ~ p(. | x_0 = i)``. ``i`` (*), ``sigma_bar`` broadcastable -> (*) long."""
+        return sample_categorical(self.transition(i, sigma_bar), generator)
 
     def reverse_rate(self, i: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Reverse rates out of ``i``: ``Q[i, y] s_y`` off the diagonal, rows sum to 0.
 
-        ``i`` (*), ``score`` (*, dim) (scores, not log-scores) -> (*, dim).
+        ``i`` (*), ``score`` (*, dim) (scores, not log-scores) -> (*, dim). The Euler
+        step's rate (:meth:`euler_probs` builds it in one tensor).
         """
         rate = self.transp_rate(i, dtype=score.dtype) * score
         rate = rate.scatter(-1, i[..., None], 0.0)
         return rate.scatter(-1, i[..., None], -rate.sum(dim=-1, keepdim=True))
-
-    def sample_rate(self, i: torch.Tensor, rate: torch.Tensor,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """One Euler jump: draw from ``onehot(i) + rate`` (negatives clamped, renormalised).
-
-        ``i`` (*), ``rate`` (*, dim) already multiplied by the step -> (*) long.
-        """
-        probs = rate.scatter_add(-1, i[..., None], torch.ones_like(rate[..., :1]))
-        return sample_categorical(probs, generator)
 
     def euler_probs(self, i: torch.Tensor, score: torch.Tensor,
                     step: torch.Tensor | float) -> torch.Tensor:
@@ -228,7 +271,7 @@ class Graph(abc.ABC):
 
     @abc.abstractmethod
     def staggered_score(self, score: torch.Tensor, dsigma: torch.Tensor | float) -> torch.Tensor:
-        """``exp(-dsigma Q) s``: the ratio ``p_{sigma - dsigma}(y) / p_sigma(x)``.
+        """``exp(-dsigma Q) s``: the ratio ``p_{sigma_bar - dsigma}(y) / p_sigma_bar(x)``.
 
         ``score`` (*, dim), ``dsigma`` broadcastable to ``score.shape[:-1]`` -> (*, dim).
         """
@@ -237,19 +280,33 @@ class Graph(abc.ABC):
     @abc.abstractmethod
     def sample_limit(self, *batch_dims: int, device: torch.device | str | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw from the limit ``sigma -> inf``. -> LongTensor ``batch_dims``."""
+        """Draw from the limit ``sigma_bar -> inf``. -> LongTensor ``batch_dims``."""
         raise NotImplementedError
 
-    @abc.abstractmethod
-    def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
+    def score_entropy(self, log_score: torch.Tensor, sigma_bar: torch.Tensor | float,
                       x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Denoising score entropy in nats, ``>= 0`` (see the class docstring).
 
-        ``log_score`` (*, dim), ``sigma`` (> 0) broadcastable to ``x``'s shape, ``x = x_t``
-        and ``x0`` (*) -> (*). Computed in float32 at least (float64 stays float64).
-        The log-score at ``x_t`` itself is ignored.
+        ``log_score`` (*, dim), ``sigma_bar`` (> 0, no gradient) broadcastable to ``x``'s
+        shape, ``x = x_t`` and ``x0`` (*) -> (*). Computed in float32 at least (float64
+        stays float64). The log-score at ``x_t`` itself (and wherever ``Q[x_t, y] = 0``)
+        is ignored. This default is the class docstring's phi form over all ``dim``
+        states, from :meth:`transition` and :meth:`transp_rate` (several ``(*, dim)``
+        temporaries); a graph with ``fused_score_entropy`` overrides it.
         """
-        raise NotImplementedError
+        ls = log_score.to(_score_dtype(log_score))
+        sb = _no_grad_sigma(sigma_bar, x).to(ls.dtype)
+        shape = torch.broadcast_shapes(x.shape, x0.shape, sb.shape)
+        x, x0 = x.expand(shape), x0.expand(shape)
+        weight = self.transp_rate(x, dtype=ls.dtype).scatter(-1, x[..., None], 0.0)  # Q[x_t, y]
+        on = weight > 0
+        cond = self.transition(x0, sb.expand(shape)).to(ls.dtype)  # p(y | x_0), (*, dim)
+        log_r = cond.log() - cond.gather(-1, x[..., None]).log()
+        has_r = on & (cond > 0)
+        log_r = torch.where(has_r, log_r, 0.0)
+        ls = ls.expand(*shape, self.dim).masked_fill(~on, 0.0)  # no gradient where ignored
+        term = torch.where(has_r, log_r.exp() * _phi(ls - log_r), ls.exp())
+        return (weight * term).masked_fill(~on, 0.0).sum(-1)
 
     @abc.abstractmethod
     def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
@@ -258,6 +315,56 @@ class Graph(abc.ABC):
         ``x0`` (*), ``sigma_bar`` broadcastable -> (*).
         """
         raise NotImplementedError
+
+    # --- what the rest of the code asks of a graph (defaults for a plain graph) ----------
+
+    def path_noise(self, noise: Noise) -> Noise:
+        """The schedule whose paths the ELBO integrates (:func:`~sedd_ray.diffusion.elbo_nll`).
+
+        Default: ``noise`` itself. A graph whose reverse chain starts from a limit that
+        the schedule reaches only with some probability conditions on reaching it (the
+        absorbing graph: :class:`~sedd_ray.diffusion.noise.MaskConditioned`), and its
+        :meth:`prior_kl` is the cost of that event.
+        """
+        return noise
+
+    def output_dim(self, time_independent: bool = False) -> int:
+        """Width of the network's raw output: ``dim``; ``vocab_size`` for a RADD network."""
+        return self.vocab_size if time_independent else self.dim
+
+    def output_log_score(self, raw: torch.Tensor, x_t: torch.Tensor, sigma_bar: torch.Tensor,
+                         scale_by_sigma: bool = True,
+                         time_independent: bool = False) -> torch.Tensor:
+        """The model's post-processing: raw output -> log-scores (B, L, dim) float32.
+
+        ``raw`` (B, L, output_dim) (any float dtype; bfloat16 under autocast), ``x_t``
+        (B, L) long, ``sigma_bar`` (B,) float32: the noise level the scores are for (it
+        may differ from the one the network saw). Default: ``raw`` with the current
+        token's log-score 0 (score 1, the loss's convention); ``scale_by_sigma`` is the
+        graph's to interpret (the absorbing graph shifts by ``log expm1(sigma_bar)``).
+        ``time_independent``: ``raw`` is a RADD network's logits over the real tokens
+        (:meth:`denoiser_log_score` of their log-softmax). May write into ``raw`` when
+        it is float32.
+        """
+        if time_independent:
+            return self.denoiser_log_score(raw.float().log_softmax(dim=-1), x_t, sigma_bar)
+        return raw.float().scatter_(-1, x_t[..., None], 0.0)
+
+    def denoiser_log_score(self, log_p: torch.Tensor, x_t: torch.Tensor,
+                           sigma_bar: torch.Tensor) -> torch.Tensor:
+        """RADD: log-scores (B, L, dim) from ``log p(x_0 | x_t)`` (B, L, vocab_size).
+
+        Only for graphs with ``time_independent_ok``; the default raises.
+        """
+        raise ValueError(
+            f"the {type(self).__name__} graph's score does not factorise over time, so a "
+            "time-independent (RADD) network cannot represent it; keep model.time_conditioning "
+            f"on, or pick a graph that allows it ({', '.join(_time_independent_graphs())})"
+        )
+
+
+def _time_independent_graphs() -> list[str]:
+    return [n for n in GRAPHS.names() if GRAPHS.get(n).time_independent_ok]
 
 
 def _score_dtype(log_score: torch.Tensor) -> torch.dtype:
@@ -268,7 +375,7 @@ def _no_grad_sigma(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Ten
     sigma = _as_float(sigma, like)
     if sigma.requires_grad and torch.is_grad_enabled():
         raise ValueError("score_entropy differentiates with respect to log_score only; pass "
-                         "sigma detached (sigma.detach())")
+                         "sigma_bar detached (sigma_bar.detach())")
     return sigma
 
 
@@ -353,8 +460,8 @@ class _UniformSE(torch.autograd.Function):
 class Uniform(Graph):
     r"""Every token jumps to every other at rate ``1/N``: ``Q = (1 1^T - N I) / N``.
 
-    ``exp(sigma Q) = e^{-sigma} I + (1 - e^{-sigma}) 1 1^T / N`` (symmetric); the limit is
-    uniform over the ``N`` tokens. With ``E = expm1(sigma)`` the true ratios are
+    ``exp(sigma_bar Q) = e^{-sigma_bar} I + (1 - e^{-sigma_bar}) 1 1^T / N`` (symmetric); the
+    limit is uniform over the ``N`` tokens. With ``E = expm1(sigma_bar)`` the true ratios are
     ``rho = E / (E + N)`` for every ``y`` when ``x_t = x_0``, and, when ``x_t != x_0``,
     ``1 / rho = 1 + N / E`` for ``y = x_0`` and ``1`` otherwise. So
 
@@ -364,8 +471,10 @@ class Uniform(Graph):
       ``= (1/N) sum e^{l_y} - (1/N) sum l_y - l_{x_0}/E + (1/N)(K(1 + N/E) - (N - 2))``
 
     ``rho`` is computed as ``E / (E + N)``, never ``1 - N / (E + N)``: for N = 50257 that
-    is 0 (or one rounding error) in float32 for ``sigma`` below ~2e-3.
+    is 0 (or one rounding error) in float32 for ``sigma_bar`` below ~2e-3.
     """
+
+    fused_score_entropy = True
 
     @property
     def dim(self) -> int:
@@ -380,26 +489,26 @@ class Uniform(Graph):
     def transp_rate(self, i: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.rate(i, dtype)
 
-    def transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        sigma = _as_float(sigma, i)
-        shape = torch.broadcast_shapes(i.shape, sigma.shape)
-        move = -torch.expm1(-sigma.expand(shape))[..., None]  # 1 - e^{-sigma}
-        stay = torch.exp(-sigma.expand(shape))[..., None]
+    def transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        sigma_bar = _as_float(sigma_bar, i)
+        shape = torch.broadcast_shapes(i.shape, sigma_bar.shape)
+        move = -torch.expm1(-sigma_bar.expand(shape))[..., None]  # 1 - e^{-sigma_bar}
+        stay = torch.exp(-sigma_bar.expand(shape))[..., None]
         out = (move / self.dim).expand(*shape, self.dim)
         return out + stay * _onehot(i.expand(shape), self.dim, out.dtype)
 
-    def transp_transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        return self.transition(i, sigma)
+    def transp_transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        return self.transition(i, sigma_bar)
 
-    def forward_marginal(self, p0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        sigma = _as_float(sigma, p0)[..., None]
-        return torch.exp(-sigma) * p0 - torch.expm1(-sigma) / self.dim
+    def forward_marginal(self, p0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        sigma_bar = _as_float(sigma_bar, p0)[..., None]
+        return torch.exp(-sigma_bar) * p0 - torch.expm1(-sigma_bar) / self.dim
 
-    def sample_transition(self, i: torch.Tensor, sigma: torch.Tensor | float,
+    def sample_transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-        sigma = _as_float(sigma, i)
-        shape = torch.broadcast_shapes(i.shape, sigma.shape)
-        move_chance = -torch.expm1(-sigma.to(torch.float64))
+        sigma_bar = _as_float(sigma_bar, i)
+        shape = torch.broadcast_shapes(i.shape, sigma_bar.shape)
+        move_chance = -torch.expm1(-sigma_bar.to(torch.float64))
         move = _rand(shape, generator, i.device) < move_chance
         gen_device = generator.device if generator is not None else i.device
         other = torch.randint(0, self.dim, shape, generator=generator, device=gen_device)
@@ -426,15 +535,15 @@ class Uniform(Graph):
         x = torch.randint(0, self.dim, batch_dims, generator=generator, device=gen_device)
         return x.to(device)
 
-    def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
+    def score_entropy(self, log_score: torch.Tensor, sigma_bar: torch.Tensor | float,
                       x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         n = self.dim
         ls = log_score.to(_score_dtype(log_score))  # (*, N)
-        sigma = _no_grad_sigma(sigma, x).to(ls.dtype)
-        shape = torch.broadcast_shapes(x.shape, x0.shape, sigma.shape)
+        sigma_bar = _no_grad_sigma(sigma_bar, x).to(ls.dtype)
+        shape = torch.broadcast_shapes(x.shape, x0.shape, sigma_bar.shape)
         x, x0 = x.expand(shape), x0.expand(shape)
         ls = ls.expand(*shape, n)
-        e = torch.expm1(sigma.expand(shape))
+        e = torch.expm1(sigma_bar.expand(shape))
         rho = e / (e + n)
         log_rho = torch.log(rho)
         same = x == x0
@@ -455,7 +564,7 @@ class Uniform(Graph):
         out_dtype = sb.dtype
         sb = sb.to(torch.float64).expand(torch.broadcast_shapes(x0.shape, sb.shape))
         stay = torch.exp(-sb)
-        move = -torch.expm1(-sb)  # N q = 1 - e^{-sigma}, q = p(y != x_0)
+        move = -torch.expm1(-sb)  # N q = 1 - e^{-sigma_bar}, q = p(y != x_0)
         log_move = torch.where(sb < math.log(2), torch.log(move), torch.log1p(-stay))
         p = stay + move / n
         kl = p * torch.log1p((n - 1) * stay) + (n - 1) * (move / n) * log_move
@@ -466,17 +575,28 @@ class Uniform(Graph):
 class Absorbing(Graph):
     r"""Every token jumps to the mask (id ``N``) at rate 1; the mask never leaves.
 
-    ``Q = e_mask 1_N^T - diag(1_N, 0)``. Column ``x`` of ``exp(sigma Q)`` puts
-    ``e^{-sigma}`` on ``x`` and ``1 - e^{-sigma}`` on the mask; the limit is all-mask.
+    ``Q = e_mask 1_N^T - diag(1_N, 0)``. Column ``x`` of ``exp(sigma_bar Q)`` puts
+    ``e^{-sigma_bar}`` on ``x`` and ``1 - e^{-sigma_bar}`` on the mask; the limit is
+    all-mask.
     Only a masked ``x_t`` has incoming neighbours (``Q[mask, y] = 1``); the true ratios
-    are ``1/E`` (``E = expm1(sigma)``) for ``y = x_0`` and 0 for other tokens, so
+    are ``1/E`` (``E = expm1(sigma_bar)``) for ``y = x_0`` and 0 for other tokens, so
 
         SE = (1/E) phi(l_{x_0} + log E) + sum_{y != x_0, mask} e^{l_y}
            = sum_{y != mask} e^{l_y} - l_{x_0}/E + K(1/E)
 
     at masked positions, and 0 elsewhere. By RADD, the true score at a masked position is
     ``p(x_0 = y | unmasked) / E``.
+
+    The rest of the code asks three things of it that a plain graph does not do: the ELBO
+    integrates under the process conditioned on all-mask at ``t = 1`` (:meth:`path_noise`),
+    the model's output is scaled by sigma with the current token's score 1
+    (:meth:`output_log_score`), and a time-independent (RADD) network works
+    (:meth:`denoiser_log_score`).
     """
+
+    fused_score_entropy = True
+    time_independent_ok = True
+    default_noise = "loglinear"
 
     @property
     def dim(self) -> int:
@@ -498,39 +618,39 @@ class Absorbing(Graph):
         is_mask = (i == self.mask_id)[..., None]
         return torch.where(is_mask, into_mask, -_onehot(i, self.dim, dtype))
 
-    def transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        sigma = _as_float(sigma, i)
-        shape = torch.broadcast_shapes(i.shape, sigma.shape)
+    def transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        sigma_bar = _as_float(sigma_bar, i)
+        shape = torch.broadcast_shapes(i.shape, sigma_bar.shape)
         i = i.expand(shape)
-        stay = torch.exp(-sigma.expand(shape))
+        stay = torch.exp(-sigma_bar.expand(shape))
         stay = torch.where(i == self.mask_id, 1.0, stay)[..., None]
         on_i = _onehot(i, self.dim, stay.dtype)
         on_mask = _onehot(torch.full_like(i, self.mask_id), self.dim, stay.dtype)
         return stay * on_i + (1.0 - stay) * on_mask
 
-    def transp_transition(self, i: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        sigma = _as_float(sigma, i)
-        shape = torch.broadcast_shapes(i.shape, sigma.shape)
+    def transp_transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        sigma_bar = _as_float(sigma_bar, i)
+        shape = torch.broadcast_shapes(i.shape, sigma_bar.shape)
         i = i.expand(shape)
-        stay = torch.exp(-sigma.expand(shape))[..., None]
-        move = -torch.expm1(-sigma.expand(shape))[..., None]
-        # row mask: 1 - e^{-sigma} from every token, 1 from the mask itself
+        stay = torch.exp(-sigma_bar.expand(shape))[..., None]
+        move = -torch.expm1(-sigma_bar.expand(shape))[..., None]
+        # row mask: 1 - e^{-sigma_bar} from every token, 1 from the mask itself
         row_mask = move.expand(*shape, self.dim).clone()
         row_mask[..., self.mask_id] = 1.0
         row_token = stay * _onehot(i, self.dim, stay.dtype)
         return torch.where((i == self.mask_id)[..., None], row_mask, row_token)
 
-    def forward_marginal(self, p0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        sigma = _as_float(sigma, p0)[..., None]
-        tokens = torch.exp(-sigma) * p0
-        mask = (-torch.expm1(-sigma)).expand(*tokens.shape[:-1], 1)
+    def forward_marginal(self, p0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
+        sigma_bar = _as_float(sigma_bar, p0)[..., None]
+        tokens = torch.exp(-sigma_bar) * p0
+        mask = (-torch.expm1(-sigma_bar)).expand(*tokens.shape[:-1], 1)
         return torch.cat([tokens, mask], dim=-1)
 
-    def sample_transition(self, i: torch.Tensor, sigma: torch.Tensor | float,
+    def sample_transition(self, i: torch.Tensor, sigma_bar: torch.Tensor | float,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-        sigma = _as_float(sigma, i)
-        shape = torch.broadcast_shapes(i.shape, sigma.shape)
-        move_chance = -torch.expm1(-sigma.to(torch.float64))
+        sigma_bar = _as_float(sigma_bar, i)
+        shape = torch.broadcast_shapes(i.shape, sigma_bar.shape)
+        move_chance = -torch.expm1(-sigma_bar.to(torch.float64))
         move = _rand(shape, generator, i.device) < move_chance
         return torch.where(move, self.mask_id, i)
 
@@ -570,15 +690,48 @@ class Absorbing(Graph):
         at_i = torch.where(masked, probs.gather(-1, idx), own)
         return probs.masked_fill_(~masked, 0.0).scatter_(-1, idx, at_i)
 
-    def score_entropy(self, log_score: torch.Tensor, sigma: torch.Tensor | float,
+    def score_entropy(self, log_score: torch.Tensor, sigma_bar: torch.Tensor | float,
                       x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         ls = log_score.to(_score_dtype(log_score))
-        sigma = _no_grad_sigma(sigma, x).to(ls.dtype)
-        shape = torch.broadcast_shapes(x.shape, x0.shape, sigma.shape)
+        sigma_bar = _no_grad_sigma(sigma_bar, x).to(ls.dtype)
+        shape = torch.broadcast_shapes(x.shape, x0.shape, sigma_bar.shape)
         x, x0 = x.expand(shape), x0.expand(shape)
-        e = torch.expm1(sigma.expand(shape))
+        e = torch.expm1(sigma_bar.expand(shape))
         # y != x_0: true ratio 0, term e^{l_y}; y = x_0: ratio 1/E, term (1/E) phi(l + log E)
         return _AbsorbSE.apply(ls.expand(*shape, self.dim), x0, x == self.mask_id, e)
+
+    def path_noise(self, noise: Noise) -> Noise:
+        """The schedule conditioned on every position being masked at ``t = 1``."""
+        return MaskConditioned(noise)
+
+    def output_log_score(self, raw: torch.Tensor, x_t: torch.Tensor, sigma_bar: torch.Tensor,
+                         scale_by_sigma: bool = True,
+                         time_independent: bool = False) -> torch.Tensor:
+        """As :meth:`Graph.output_log_score`; ``scale_by_sigma`` subtracts
+        ``log(expm1(sigma_bar)) + log(N)`` from ``raw``, so at init (``raw = 0``) the scores
+        over the N real tokens sum to ``1/expm1(sigma_bar)``, the true total at a mask.
+
+        Allocates one (B, L, dim) float32 tensor and edits it in place.
+        """
+        if time_independent or not scale_by_sigma:
+            return super().output_log_score(raw, x_t, sigma_bar, scale_by_sigma, time_independent)
+        shift = log_expm1(sigma_bar) + math.log(self.dim - 1)  # (B,) float32
+        log_score = raw - shift[:, None, None]  # float32 even for a bfloat16 raw
+        return log_score.scatter_(-1, x_t[..., None], 0.0)
+
+    def denoiser_log_score(self, log_p: torch.Tensor, x_t: torch.Tensor,
+                           sigma_bar: torch.Tensor) -> torch.Tensor:
+        """RADD: the score at a mask is ``p(x_0 = y | x_t) / expm1(sigma_bar)``.
+
+        ``log_p`` (B, L, N) float32, ``x_t`` (B, L), ``sigma_bar`` (B,) -> (B, L, N + 1):
+        ``log_p - log expm1(sigma_bar)`` on the tokens, the finite ``MASK_LOG_SCORE`` on
+        the mask, 0 at the current token.
+        """
+        B, L = x_t.shape
+        sigma_bar = sigma_bar.to(torch.float32).expand(B)
+        log_score = F.pad(log_p, (0, 1), value=MASK_LOG_SCORE)  # (B, L, N + 1)
+        log_score[..., :-1].sub_(log_expm1(sigma_bar)[:, None, None])
+        return log_score.scatter_(-1, x_t[..., None], 0.0)
 
     def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor | float) -> torch.Tensor:
         """``-log(1 - e^{-sigma_bar})``: the cost of starting the reverse chain at all-mask.

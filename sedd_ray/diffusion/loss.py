@@ -12,13 +12,14 @@ prior term, per token.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from sedd_ray.diffusion.graphs import Graph, _rand
-from sedd_ray.diffusion.noise import Noise
+from sedd_ray.diffusion.noise import MaskConditioned, Noise
+
+__all__ = ["MaskConditioned", "elbo_nll", "sample_times", "score_entropy_loss"]
 
 # model(x_t (B, L) long, sigma_bar (B,) float) -> log-scores (B, L, dim)
 LogScoreModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,44 +66,6 @@ def score_entropy_loss(model: LogScoreModel, graph: Graph, noise: Noise, x0: tor
     return (dsigma[:, None] * se).sum(dim=-1)
 
 
-class MaskConditioned(Noise):
-    r"""The absorbing forward process conditioned on every position being masked at t = 1.
-
-    With mask probability ``m(t) = 1 - e^{-sigma_bar(t)}`` of the base schedule, the
-    conditioned process masks with ``m_A(t) = m(t) / m(1)`` (each position's masking time,
-    conditioned to fall in [0, 1]), i.e.
-
-        sigma_bar_A(t) = -log(1 - m_A(t)) = log m(1) - log(e^{-sigma_bar(t)} - e^{-sigma_bar(1)})
-        sigma_A(t)     = sigma(t) e^{-sigma_bar(t)} / (e^{-sigma_bar(t)} - e^{-sigma_bar(1)})
-
-    It reaches the all-mask limit exactly at ``t = 1``, so the variational bound over its
-    paths plus ``-log m(1)`` per position (the probability of the conditioning event) is a
-    true bound for a reverse chain that starts from all-mask (for loglinear, this is the
-    ``eps = 0`` loglinear process). Computed in float64.
-    """
-
-    def __init__(self, base: Noise) -> None:
-        self.base = base
-        one = torch.ones((), dtype=torch.float64)
-        self._end = float(base.total_noise(one))  # sigma_bar(1)
-
-    def _parts(self, t: torch.Tensor):
-        t64 = t.to(torch.float64)
-        sb, rate = self.base.total_noise(t64), self.base.rate_noise(t64)
-        stay, stay_end = torch.exp(-sb), math.exp(-self._end)
-        gap = (stay - stay_end).clamp_min(1e-300)
-        return sb, rate, stay, gap
-
-    def total_noise(self, t: torch.Tensor) -> torch.Tensor:
-        sb, _, _, gap = self._parts(t)
-        log_m1 = math.log(-math.expm1(-self._end))
-        return (log_m1 - torch.log(gap)).to(t.dtype)
-
-    def rate_noise(self, t: torch.Tensor) -> torch.Tensor:
-        _, rate, stay, gap = self._parts(t)
-        return (rate * stay / gap).to(t.dtype)
-
-
 @torch.no_grad()
 def elbo_nll(model: LogScoreModel, graph: Graph, noise: Noise, x0: torch.Tensor,
              draws: int = 4, eps_t: float = 1e-5, t_max: float = 1 - 1e-6,
@@ -114,7 +77,11 @@ def elbo_nll(model: LogScoreModel, graph: Graph, noise: Noise, x0: torch.Tensor,
     with ``draws`` stratified times per sequence in ``[eps_t, t_max]`` (``t_k = eps_t +
     (t_max - eps_t)((u + k/K) mod 1)``, ``u ~ U(0, 1)`` per sequence).
 
-    - Uniform graph: the prior term is the exact ``KL(p_1(.|x_0) || uniform)``.
+    The integral runs under ``graph.path_noise(noise)`` and the prior term is
+    ``graph.prior_kl`` at the base schedule's ``sigma_bar(1)``:
+
+    - Uniform graph (the default path noise: ``noise`` itself): the prior term is the
+      exact ``KL(p_1(.|x_0) || uniform)``.
     - Absorbing graph: the reverse chain starts from all-mask, which the base schedule
       reaches only with probability ``m(1) = 1 - e^{-sigma_bar(1)}`` per position (for
       loglinear, ``1 - eps``). The integral is therefore taken under the process
@@ -131,7 +98,7 @@ def elbo_nll(model: LogScoreModel, graph: Graph, noise: Noise, x0: torch.Tensor,
     if not 0 < eps_t < t_max <= 1:
         raise ValueError(f"need 0 < eps_t < t_max <= 1, got eps_t={eps_t}, t_max={t_max}")
     b, length = x0.shape
-    path_noise = MaskConditioned(noise) if graph.absorb else noise
+    path_noise = graph.path_noise(noise)
     u = _rand((b,), generator, x0.device)
     total = torch.zeros(b, dtype=torch.float64, device=x0.device)
     for k in range(draws):

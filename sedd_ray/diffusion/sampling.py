@@ -3,7 +3,7 @@
 The loop starts from the graph's limit at ``t = 1`` and walks the grid
 ``linspace(1, eps, steps + 1)``; each step calls a predictor from :data:`PREDICTORS`:
 
-- ``euler``: ``p = onehot(x) + dt sigma(t) reverse_rate(x, s)``, negatives clamped,
+- ``euler``: ``p = onehot(x) + dt sigma(t) Graph.reverse_rate(x, s)``, negatives clamped,
   renormalised (:meth:`Graph.euler_probs`).
 - ``analytic`` (Tweedie tau-leaping): with ``d = sigma_bar(t) - sigma_bar(t - dt)``,
   ``p = staggered_score(s, d) * transp_transition(x, d)``; exact for one position when
@@ -14,7 +14,7 @@ place (clamp, cumsum, searchsorted): the graphs' closed forms replace the produc
 dense (B, L, dim) factors.
 
 ``denoise=True`` adds an analytic step from ``eps`` to 0 that removes all remaining noise;
-for the absorbing graph the mask is excluded from that draw, so no mask survives. Fixed
+it draws among the real tokens only, so no extra state (a mask) survives. Fixed
 positions (prefix / infill conditioning) are overwritten before every step and at the end.
 
 Cached sampling (RADD): for the absorbing graph the score at a mask factorises as
@@ -175,13 +175,17 @@ def analytic_step(score_fn: ScoreFn, graph: Graph, noise: Noise, x: torch.Tensor
 
 def denoise_step(score_fn: ScoreFn, graph: Graph, noise: Noise, x: torch.Tensor,
                  t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Analytic step from ``t`` (B,) all the way to ``sigma_bar = 0``; never draws a mask."""
+    """Analytic step from ``t`` (B,) all the way to ``sigma_bar = 0``.
+
+    Draws among the real tokens only (states ``0 .. vocab_size - 1``, the Graph contract):
+    a state beyond them (the absorbing graph's mask) never survives.
+    """
     sigma_bar, _ = noise(t)
     sb = sigma_bar[:, None]
     score = _score(score_fn, x, sigma_bar)
     probs = graph.tweedie_probs(x, score, sb)
-    if graph.mask_id is not None:  # the mask is the last state: draw among real tokens only
-        probs = probs[..., : graph.mask_id].contiguous()
+    if graph.vocab_size < graph.dim:  # drop the extra states (a view: no copy otherwise)
+        probs = probs[..., : graph.vocab_size].contiguous()
     return _draw_(probs.to(torch.float64), generator)
 
 
