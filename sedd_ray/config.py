@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
+from sedd_ray.values import coerce
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says how to fix it."""
@@ -322,47 +324,6 @@ class RunConfig:
         return out
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{where} must be a bool, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                f = None
-            if f is not None and f.is_integer():
-                return int(f)
-        # numpy integers
-        if hasattr(value, "__index__"):
-            return int(value)
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
 def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(d, Mapping):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
@@ -385,7 +346,7 @@ def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(typ):
             kwargs[f.name] = _from_dict(typ, d[f.name], where + ".")
         else:
-            kwargs[f.name] = _coerce(d[f.name], typ, where)
+            kwargs[f.name] = coerce(d[f.name], typ, where, ConfigError)
     return cls(**kwargs)
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from sedd_ray.config import RunConfig
+from sedd_ray.io import is_local, normalize
+from sedd_ray.layout import RunLayout
 
 # How often Ray Train's controller polls its workers unless RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 # says otherwise: below TrainConfig.report_every_s (1.0 s by default).
@@ -52,10 +54,6 @@ _RESERVED = {"pid", "hostname", "node_ip", "date", "timestamp", "done"}
 
 class LaunchError(RuntimeError):
     """A Ray Train run failed for good; the message carries the worker's error."""
-
-
-def is_local_path(storage: str) -> bool:
-    return "://" not in storage or storage.startswith("file://")
 
 
 def _train_log_level() -> str:
@@ -165,18 +163,20 @@ def launch(
         raise LaunchError("--gpus-per-worker > 0 with --device cpu; drop one of them")
     from sedd_ray.checkpoint import ensure_writable_dir, precheck_writable_dir
 
-    if is_local_path(storage):  # an impossible storage path fails now, creating nothing
-        storage = str(precheck_writable_dir(storage.removeprefix("file://"), "--storage"))
+    storage = normalize(storage)
+    if is_local(storage):  # an impossible storage path fails now, creating nothing
+        precheck_writable_dir(storage, "--storage")
     # Build (or find) the tokenised data here first: a bad corpus fails before any worker
     # starts (and before any folder is created), and the workers on this node then read
     # the cache.
     from sedd_ray.data import load_data
 
     load_data(cfg.data, seed=cfg.train.seed)
-    if is_local_path(storage):  # read-only or full disk: fails here, before Ray starts
+    if is_local(storage):  # read-only or full disk: fails here, before Ray starts
         ensure_writable_dir(storage, "--storage")
-    run_dir = f"{storage.rstrip('/')}/{name}"
-    if not resume and is_local_path(storage) and Path(run_dir).exists():
+    run = RunLayout(storage, name)
+    run_dir = run.dir
+    if not resume and is_local(storage) and Path(run_dir).exists():
         import shutil
 
         shutil.rmtree(run_dir)
@@ -190,7 +190,7 @@ def launch(
         train_loop_config={
             "run_config": cfg.to_dict(), "use_gpu": use_gpu, "name": name, "group": group,
             # Trainer logs (metrics.jsonl, samples) next to Ray's run folder when local.
-            "output_dir": f"{run_dir}/trainer" if is_local_path(storage) else None,
+            "output_dir": run.trainer_dir if is_local(storage) else None,
             "node_log": node_log,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
