@@ -68,6 +68,12 @@ class RunLayout:
     storage: str
     name: str
 
+    @classmethod
+    def at(cls, run_dir: str | os.PathLike) -> RunLayout:
+        """The run whose folder is ``run_dir``."""
+        storage, _, name = os.fspath(run_dir).rstrip("/").rpartition("/")
+        return cls(storage, name)
+
     @property
     def dir(self) -> str:
         """Ray Train's run folder (``RunConfig(name=name, storage_path=storage)``)."""
