@@ -14,7 +14,7 @@ scheme are *remote*. Every module asks these helpers rather than looking for ``"
     is_local("results"), is_local("file:///data/r")   -> True
     local_path("file:///data/r")                       -> Path("/data/r")
     normalize("file:///data/r/"), normalize("s3://b/r/") -> "/data/r", "s3://b/r"
-    join("s3://b/r", "study", "train")                 -> "s3://b/r/study/train"
+    join("s3://b/r", "study", "x")                     -> "s3://b/r/study/x"
     filesystem("gs://b/r")                             -> (pyarrow GcsFileSystem, "b/r", False)
 """
 

@@ -1,12 +1,13 @@
 """Parquet results of sedd-ray studies: the only reader and writer of them.
 
-Layout, one folder per study under a storage root (a local path or a URI that
-``pyarrow.fs`` understands, e.g. ``s3://bucket/studies``)::
+Layout (spelled in :class:`sedd_ray.layout.StudyLayout`), one folder per study under a
+storage root (a local path or a URI that ``pyarrow.fs`` understands, e.g.
+``s3://bucket/studies``; see :mod:`sedd_ray.io`)::
 
     <storage>/<study>/trials.parquet                        one row per trial, rewritten whole
     <storage>/<study>/history/part-<trial_id>-<seq>.parquet  per-step metrics, append-only parts
 
-Every file is written under a temporary name that starts with ``.`` and ends with
+Every file is written (:func:`sedd_ray.io.atomic_write`) under a temporary name that starts with ``.`` and ends with
 ``.tmp`` in the same folder, then renamed into place (``os.replace`` locally, ``move``
 on other filesystems). pyarrow's dataset discovery skips names starting with ``.`` or
 ``_`` (its default ``ignore_prefixes``) and a ``*.parquet`` glob (duckdb) skips ``.tmp``,
@@ -28,6 +29,13 @@ Each table has ONE fixed, explicit schema (:data:`TRIALS_SCHEMA`, :data:`HISTORY
 nothing is inferred, so parts always read together. The config columns of the trials
 table are derived from the :mod:`sedd_ray.config` dataclasses (see :func:`config_columns`):
 a new config field becomes a typed column with no change here.
+
+Keys outside the schema (a metric the trainer started logging, a knob of a component
+registered from outside, e.g. ``diffusion.eps`` -> ``diffusion_eps``) are never dropped and
+never change a file's schema: they are kept in the row's ``extra`` JSON, and
+:func:`read_trials`, :func:`read_history`, :func:`get_trial` and :func:`best_trial` return
+each of them as a typed column of its own (int64, float64, bool or string, from its values;
+see :func:`with_extra_columns`).
 
 Column naming for config fields (``section.key`` -> column):
 
@@ -86,6 +94,7 @@ __all__ = [
     "scrub",
     "trial_row_from_config",
     "trials_schema",
+    "with_extra_columns",
 ]
 
 
@@ -629,7 +638,8 @@ class ResultsWriter:
         extra: dict[str, Any] = {}
         for key, value in row.items():
             if key == "config":
-                out.update(trial_row_from_config(value, config_cls=self._config_cls))
+                for col, v in trial_row_from_config(value, config_cls=self._config_cls).items():
+                    (out if col in kinds else extra)[col] = v
             elif key == "extra":
                 extra.update(_extra_dict(value))
             elif key in kinds:
@@ -912,7 +922,8 @@ def _trials_table(storage: str | os.PathLike, study: str) -> pa.Table:
 
 
 def read_trials(storage: str | os.PathLike, study: str) -> pd.DataFrame:
-    """One row per trial with the :data:`TRIALS_SCHEMA` columns (plus any unknown ones)."""
+    """One row per trial: the :data:`TRIALS_SCHEMA` columns, then any unknown ones, then
+    one typed column per key of ``extra``."""
     return _trials_table(storage, study).to_pandas()
 
 
@@ -922,6 +933,7 @@ def read_history(
     """Per-step rows, deduplicated on ``(trial_id, step)`` keeping the last written part.
 
     Sorted by trial_id then step. ``trial_id`` restricts the read to that trial's parts.
+    Keys of ``extra`` (metrics outside :data:`HISTORY_SCHEMA`) come back as typed columns.
     """
     fs, paths = _study(storage, study)
     if study not in list_studies(storage):

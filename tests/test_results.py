@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sedd_ray import results as R
-from sedd_ray.config import DataConfig, RunConfig, TrainConfig, preset
+from sedd_ray.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, preset
 from sedd_ray.layout import StudyLayout
 
 STUDY = "s1"
@@ -347,6 +347,54 @@ def test_new_config_field_becomes_a_column(tmp_path):
     assert R.read_trials(tmp_path, STUDY)["new_knob"].iloc[0] == 0.25
 
 
+# --- keys outside the schema come back typed ---------------------------------------------------
+
+
+def test_keys_outside_the_schema_come_back_as_typed_columns(tmp_path):
+    w = R.ResultsWriter(tmp_path, STUDY)
+    w.upsert_trial(_trial("t1", probe=1, gauge=0.5, flag=True, label="a", nested={"k": 1}))
+    w.upsert_trial(_trial("t2", probe=2.5, label=None, extra={"from_extra": 3}))
+    w.append_history("t1", [{"step": 1, "probe": 3}, {"step": 2, "probe": 4, "text": "x"}])
+    w.flush()
+    # The files keep exactly the declared schemas: such keys live in `extra` there.
+    assert pq.read_schema(_trials_file(tmp_path)).equals(R.TRIALS_SCHEMA, check_metadata=True)
+    df = R.read_trials(tmp_path, STUDY).set_index("trial_id")
+    assert str(df["probe"].dtype) == "float64" and list(df["probe"]) == [1.0, 2.5]
+    assert df.loc["t1", "gauge"] == 0.5 and math.isnan(df.loc["t2", "gauge"])
+    assert df.loc["t1", "flag"] is True and df.loc["t1", "label"] == "a"
+    assert df.loc["t1", "nested"] == '{"k": 1}' and df.loc["t2", "from_extra"] == 3
+    assert '"probe": 1' in df.loc["t1", "extra"]  # still in extra too
+    assert R.best_trial(tmp_path, STUDY, metric="probe", mode="max")["trial_id"] == "t2"
+    assert R.get_trial(tmp_path, STUDY, "t1")["gauge"] == 0.5
+    h = R.read_history(tmp_path, STUDY)
+    assert str(h["probe"].dtype) == "int64" and list(h["probe"]) == [3, 4]
+    assert list(h["text"].fillna("-")) == ["-", "x"]
+
+
+@dataclass
+class _DiffusionPlus(DiffusionConfig):
+    """A component's own knobs, unknown to the declared RunConfig (registered from outside)."""
+
+    eps: float = 2e-3
+    warp: bool = True
+    sigma_min: float = 1e-4  # a declared field stays its declared column
+
+
+def test_unknown_config_keys_land_typed_without_breaking_the_schema(tmp_path):
+    cfg = preset("tiny")
+    cfg.diffusion = _DiffusionPlus(graph="uniform", noise="geometric")
+    row = R.trial_row_from_config(cfg)
+    assert row["graph"] == "uniform" and row["diffusion_eps"] == 2e-3 and row["diffusion_warp"]
+    w = R.ResultsWriter(tmp_path, STUDY)
+    w.upsert_trial({"trial_id": "t1", "status": "terminated", "config": cfg})
+    w.upsert_trial(_trial("t2"))  # a trial without the component
+    assert pq.read_schema(_trials_file(tmp_path)).equals(R.TRIALS_SCHEMA, check_metadata=True)
+    df = R.read_trials(tmp_path, STUDY).set_index("trial_id")
+    assert str(df["diffusion_eps"].dtype) == "float64" and df.loc["t1", "diffusion_eps"] == 2e-3
+    assert math.isnan(df.loc["t2", "diffusion_eps"]) and df.loc["t1", "diffusion_warp"] is True
+    assert df.loc["t1", "sigma_min"] == 1e-4 and "sigma_min" not in R.config_columns().keys()
+
+
 # --- secrets and import hygiene --------------------------------------------------------------
 
 
@@ -369,7 +417,7 @@ def test_secrets_never_reach_the_files(tmp_path, monkeypatch):
         )
     )
     w.append_history("t1", [{"step": 1, "msg": key}])
-    for f in list((tmp_path / STUDY).rglob("*.parquet")):
+    for f in list(Path(StudyLayout(str(tmp_path), STUDY).dir).rglob("*.parquet")):
         table = pq.read_table(f)
         for col in table.columns:
             if pa.types.is_string(col.type):
