@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import glob
 import json
 import os
 import platform
@@ -43,6 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from sedd_ray.layout import RunLayout, StudyLayout, TrainerFiles  # noqa: E402
 
 SECTIONS = ("train", "loss", "sample", "radd", "ray", "study")
 GPU_SECTIONS = ("gpu_train", "gpu_loss", "gpu_sample", "radd")
@@ -483,7 +484,7 @@ def child_plain_run(a: dict[str, Any]) -> dict[str, Any]:
     ready = time.perf_counter()
     result = trainer.run(resume=False)
     t_end = time.time()
-    steady = _steady(out / "metrics.jsonl", a["steps"])
+    steady = _steady(TrainerFiles(out).metrics, a["steps"])
     shutil.rmtree(out, ignore_errors=True)
     return {"runner": "plain", "wall_s": t_end - born, "startup_s": result.started_at - born,
             "trainer_init_s": ready - t0,
@@ -491,9 +492,9 @@ def child_plain_run(a: dict[str, Any]) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-def _started_at(run_dir: str | Path) -> float:
+def _started_at(run: RunLayout) -> float:
     """When the trainer of a ``launch`` run took its first step (its ``final.json``)."""
-    return json.loads(Path(run_dir, "trainer", "final.json").read_text())["started_at"]
+    return json.loads(run.trainer_files().final.read_text())["started_at"]
 
 
 def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
@@ -523,7 +524,7 @@ def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
         t_init = time.time()
         launch(cfg, name="bench", storage=storage, num_workers=1, max_failures=0)
         t_fit = time.time()
-        started = _started_at(Path(storage) / "bench")
+        started = _started_at(RunLayout(storage, "bench"))
 
         def empty(config: dict[str, Any]) -> None:  # pickled by value: no import of ours
             Path(config["mark"]).write_text(repr(time.time()))
@@ -537,11 +538,11 @@ def child_ray_train(a: dict[str, Any]) -> dict[str, Any]:
         t_warm = time.time()
         launch(_cfg("tiny", **_overhead_params(20), device="cpu"), name="bench-warm",
                storage=storage, num_workers=1, max_failures=0)
-        warm = _started_at(Path(storage) / "bench-warm") - t_warm
+        warm = _started_at(RunLayout(storage, "bench-warm")) - t_warm
     finally:
         ray.shutdown()
     t_end = time.time()
-    steady = _steady(Path(storage) / "bench" / "trainer" / "metrics.jsonl", a["steps"])
+    steady = _steady(RunLayout(storage, "bench").trainer_files().metrics, a["steps"])
     shutil.rmtree(storage, ignore_errors=True)
     return {"runner": "ray_train", "wall_s": t_fit - born, "startup_s": started - born,
             "imports_s": t_imports - born, "ray_init_s": t_init - t_imports,
@@ -573,10 +574,13 @@ def child_ray_study(a: dict[str, Any]) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    paths = glob.glob(f"{storage}/bench-1trial/train/*/trainer/metrics.jsonl")
-    if len(paths) != 1:
-        raise RuntimeError(f"expected one trial's metrics.jsonl, found {paths}")
-    steady = _steady(paths[0], a["steps"])
+    from sedd_ray.results import read_trials
+
+    trial_ids = list(read_trials(storage, spec.name)["trial_id"])
+    if len(trial_ids) != 1:
+        raise RuntimeError(f"expected one trial, found {trial_ids}")
+    files = StudyLayout(storage, spec.name).trial(trial_ids[0]).trainer_files()
+    steady = _steady(files.metrics, a["steps"])
     shutil.rmtree(storage, ignore_errors=True)
     return {"runner": "study_1trial", "wall_s": wall, **steady,
             "fixed_s": wall - steady["train_s"]}

@@ -42,6 +42,8 @@ import pandas as pd
 if __package__ in (None, ""):  # run as a script: make `sedd_ray` and `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sedd_ray.io import local_path  # noqa: E402
+from sedd_ray.layout import StudyLayout, TrainerFiles  # noqa: E402
 from sedd_ray.results import (  # noqa: E402
     FINISHED_STATUSES,
     ResultsError,
@@ -91,8 +93,12 @@ class Study:
             self.axes = [p for p in self.params if _is_categorical(self.finished[p])]
 
     @property
+    def layout(self) -> StudyLayout:
+        return StudyLayout(self.storage, self.name)
+
+    @property
     def local_dir(self) -> Path | None:
-        return None if "://" in self.storage else Path(self.storage) / self.name
+        return local_path(self.layout.dir)
 
 
 def load_study(storage: str | os.PathLike, study: str | None = None) -> Study:
@@ -108,10 +114,11 @@ def load_study(storage: str | os.PathLike, study: str | None = None) -> Study:
 def split_study_dir(path: str | os.PathLike) -> tuple[str, str]:
     """``results/graph-ablation`` -> ``("results", "graph-ablation")`` (URIs too)."""
     text = os.fspath(path).rstrip("/")
-    if "://" in text:
+    local = local_path(text)
+    if local is None:
         storage, _, name = text.rpartition("/")
         return storage, name
-    p = Path(text).resolve()
+    p = local.resolve()
     return str(p.parent), p.name
 
 
@@ -606,19 +613,13 @@ def plot_importances(imp: dict[str, float], path: Path, title: str) -> Path:
 
 # --- samples -------------------------------------------------------------------------------
 
-def trainer_dir(study: Study, trial_id: str) -> Path | None:
-    """Where Ray Train kept the trainer's files of a trial (local storage only)."""
-    d = study.local_dir
-    return None if d is None else d / "train" / trial_id / "trainer"
-
-
 def trial_samples(study: Study, trial_id: str, limit: int = 3) -> list[str]:
     """The last samples the trainer wrote for a trial (samples.jsonl, else final.json)."""
-    d = trainer_dir(study, trial_id)
-    if d is None:
+    files = study.layout.trial(trial_id).trainer_files()
+    if files is None:
         return []
     rows: list[dict[str, Any]] = []
-    path = d / "samples.jsonl"
+    path = files.samples
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
@@ -628,7 +629,7 @@ def trial_samples(study: Study, trial_id: str, limit: int = 3) -> list[str]:
     if rows:
         last = max(int(r.get("step", 0)) for r in rows)
         return [str(r["text"]) for r in rows if int(r.get("step", 0)) == last][:limit]
-    final = d / "final.json"
+    final = files.final
     if final.is_file():
         try:
             return [str(s) for s in json.loads(final.read_text()).get("samples", [])][:limit]
@@ -668,7 +669,7 @@ def write_report(storage: str | os.PathLike, study: str | None = None,
         "- other parameters that varied: "
         + (", ".join(f"`{p}`" for p in s.params if p not in s.axes) or "none"),
         f"- device hours: {hours:.3g}",
-        f"- source: `{s.storage}/{s.name}/trials.parquet` and `history/`, read "
+        f"- source: `{s.layout.trials_file}` and `{s.layout.relative(s.layout.history_dir)}/`, read "
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"`{BOUND}` = exp(best validation `val_nll`), an upper bound on the validation "
@@ -751,8 +752,9 @@ def samples_section(s: Study) -> list[str]:
     texts = trial_samples(s, trial_id)
     md = [head, ""]
     if not texts:
-        return md + ["No samples found (the trainer writes them to "
-                     "`train/<trial>/trainer/samples.jsonl` on local storage).", ""]
+        where = TrainerFiles(s.layout.relative(s.layout.trial("<trial>").trainer_dir)).samples
+        return md + [f"No samples found (the trainer writes them to `{where}` on local "
+                     "storage).", ""]
     md += ["Written by the trainer at the end of training (analytic sampler). More with "
            f"`python -m sedd_ray.sample --storage {s.storage} --study {s.name} --trial {trial_id}`.",
            ""]

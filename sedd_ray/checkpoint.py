@@ -21,12 +21,13 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sedd_ray.io import atomic_write
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
@@ -48,23 +49,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a hidden temp file in the same directory + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def checkpoint_name(step: int) -> str:
@@ -101,7 +85,7 @@ def save_checkpoint(
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        atomic_write_text(root / LATEST_FILE, json.dumps({"name": final.name, "step": step}))
+        atomic_write(root / LATEST_FILE, json.dumps({"name": final.name, "step": step}))
     except OSError as e:  # disk full, quota, read-only: say what survived
         shutil.rmtree(tmp, ignore_errors=True)
         try:

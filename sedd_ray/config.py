@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
+from sedd_ray.values import coerce
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says how to fix it."""
@@ -468,46 +470,11 @@ def _coerce_mapping(value: Any, where: str) -> dict[str, Any]:
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """``value`` as the field type ``typ``: a dict field via :func:`_coerce_mapping`,
+    a scalar via the one coercer, :func:`sedd_ray.values.coerce`."""
     if typing.get_origin(typ) is dict:
         return _coerce_mapping(value, where)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{where} must be a bool, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                f = None
-            if f is not None and f.is_integer():
-                return int(f)
-        # numpy integers
-        if hasattr(value, "__index__"):
-            return int(value)
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
+    return coerce(value, typ, where, ConfigError)
 
 
 def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:

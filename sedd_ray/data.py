@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +55,7 @@ import torch
 
 from sedd_ray import synthetic
 from sedd_ray.config import DataConfig
+from sedd_ray.io import atomic_dir, atomic_write
 from sedd_ray.registry import Registry
 
 if TYPE_CHECKING:
@@ -543,31 +543,6 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
-    """Write into a temporary sibling directory, then rename it to ``final``; if another
-    process got there first, keep theirs."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_file_atomic(final: Path, data: str) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, final)
-
-
 # --- the bundle ------------------------------------------------------------------------
 
 @dataclass
@@ -669,7 +644,7 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
                              "tokenize_pack": round(t_end - t_tok, 3)}
     # 4. write (only now: every check above has passed)
     if tok.new_json is not None:
-        _write_file_atomic(tok_path, tok.new_json)
+        atomic_write(tok_path, tok.new_json)
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
     _write_blocks(final, packed.blocks, dtype, tok.new_json or tok.backend.to_str(), meta)
     log.info("built %s with %s in %.1fs: %s blocks -> %s", source.spec, cfg.tokenizer,
@@ -849,7 +824,7 @@ def _write_blocks(final: Path, blocks: dict[str, np.ndarray], dtype: Any, tok_js
         (d / "tokenizer.json").write_text(tok_json, encoding="utf-8")
         (d / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
-    _write_dir_atomic(final, write)
+    atomic_dir(final, write, keep_existing=True)
 
 
 def _load_synthetic(cfg: DataConfig, source: Source, seed: int) -> DataBundle:

@@ -29,6 +29,8 @@ from typing import Any
 
 from sedd_ray import preflight
 from sedd_ray.config import RunConfig
+from sedd_ray.io import is_local, normalize
+from sedd_ray.layout import RunLayout
 from sedd_ray.preflight import DEFAULT_RESOURCE_TIMEOUT_S
 
 # How often Ray Train's controller polls its workers unless RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
@@ -52,10 +54,6 @@ _RESERVED = {"pid", "hostname", "node_ip", "date", "timestamp", "done"}
 
 class LaunchError(RuntimeError):
     """A Ray Train run failed for good; the message carries the worker's error."""
-
-
-def is_local_path(storage: str) -> bool:
-    return "://" not in storage or storage.startswith("file://")
 
 
 def _train_log_level() -> str:
@@ -191,8 +189,9 @@ def _check_storage_and_data(cfg: RunConfig, storage: str) -> str:
     from sedd_ray.checkpoint import precheck_writable_dir
     from sedd_ray.data import load_data
 
-    if is_local_path(storage):
-        storage = str(precheck_writable_dir(storage.removeprefix("file://"), "--storage"))
+    storage = normalize(storage)
+    if is_local(storage):
+        precheck_writable_dir(storage, "--storage")
     load_data(cfg.data, seed=cfg.train.seed)
     return storage
 
@@ -202,8 +201,8 @@ def _prepare_run_dir(storage: str, name: str, resume: bool) -> str:
     here, before any worker), and ``resume=False`` clears an earlier run of that name."""
     from sedd_ray.checkpoint import ensure_writable_dir
 
-    run_dir = f"{storage.rstrip('/')}/{name}"
-    if is_local_path(storage):
+    run_dir = RunLayout(storage, name).dir
+    if is_local(storage):
         ensure_writable_dir(storage, "--storage")
         if not resume and Path(run_dir).exists():
             import shutil
@@ -226,7 +225,7 @@ def _torch_trainer(cfg: RunConfig, *, name: str, group: str | None, storage: str
         train_loop_config={
             "run_config": cfg.to_dict(), "use_gpu": use_gpu, "name": name, "group": group,
             # Trainer logs (metrics.jsonl, samples) next to Ray's run folder when local.
-            "output_dir": f"{run_dir}/trainer" if is_local_path(storage) else None,
+            "output_dir": RunLayout.at(run_dir).trainer_dir if is_local(storage) else None,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -1,12 +1,13 @@
 """Parquet results of sedd-ray studies: the only reader and writer of them.
 
-Layout, one folder per study under a storage root (a local path or a URI that
-``pyarrow.fs`` understands, e.g. ``s3://bucket/studies``)::
+Layout (spelled in :class:`sedd_ray.layout.StudyLayout`), one folder per study under a
+storage root (a local path or a URI that ``pyarrow.fs`` understands, e.g.
+``s3://bucket/studies``; see :mod:`sedd_ray.io`)::
 
     <storage>/<study>/trials.parquet                        one row per trial, rewritten whole
     <storage>/<study>/history/part-<trial_id>-<seq>.parquet  per-step metrics, append-only parts
 
-Every file is written under a temporary name that starts with ``.`` and ends with
+Every file is written (:func:`sedd_ray.io.atomic_write`) under a temporary name that starts with ``.`` and ends with
 ``.tmp`` in the same folder, then renamed into place (``os.replace`` locally, ``move``
 on other filesystems). pyarrow's dataset discovery skips names starting with ``.`` or
 ``_`` (its default ``ignore_prefixes``) and a ``*.parquet`` glob (duckdb) skips ``.tmp``,
@@ -29,6 +30,13 @@ nothing is inferred, so parts always read together. The config columns of the tr
 table are derived from the :mod:`sedd_ray.config` dataclasses (see :func:`config_columns`):
 a new config field becomes a typed column with no change here.
 
+Keys outside the schema (a metric the trainer started logging, a knob of a component
+registered from outside, e.g. ``diffusion.eps`` -> ``diffusion_eps``) are never dropped and
+never change a file's schema: they are kept in the row's ``extra`` JSON, and
+:func:`read_trials`, :func:`read_history`, :func:`get_trial` and :func:`best_trial` return
+each of them as a typed column of its own (int64, float64, bool or string, from its values;
+see :func:`with_extra_columns`).
+
 Column naming for config fields (``section.key`` -> column):
 
 - the section is dropped: ``optim.lr`` -> ``lr``, ``train.steps`` -> ``steps`` (planned steps;
@@ -48,14 +56,12 @@ import datetime as _dt
 import functools
 import json
 import math
-import operator
 import os
 import re
 import threading
 import time
 import types
 import typing
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +73,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sedd_ray.config import RunConfig
+from sedd_ray.io import atomic_write, filesystem
+from sedd_ray.layout import StudyLayout
+from sedd_ray.values import coerce
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -85,6 +94,7 @@ __all__ = [
     "scrub",
     "trial_row_from_config",
     "trials_schema",
+    "with_extra_columns",
 ]
 
 
@@ -96,8 +106,6 @@ STATUSES = ("running", "terminated", "stopped_early", "error")
 # Trials whose metrics are final: trained to the end, or stopped by the scheduler.
 FINISHED_STATUSES = ("terminated", "stopped_early")
 
-TRIALS_FILE = "trials.parquet"
-HISTORY_DIR = "history"
 REDACTED = "***"
 
 _UTC_US = pa.timestamp("us", tz="UTC")
@@ -332,55 +340,19 @@ def _scalar(col: str, value: Any, want: str) -> Any:
         raise _fail(col, value, want) from None
 
 
-def _to_int(col: str, v: Any) -> int | None:
-    if isinstance(v, bool):
-        raise _fail(col, v, "int64")
-    if isinstance(v, int):
-        out = v
-    elif isinstance(v, float):
-        if math.isnan(v):
-            return None
-        if not v.is_integer():
-            raise _fail(col, v, "int64 (it has a fractional part)")
-        out = int(v)
-    elif isinstance(v, str):
-        try:
-            f = float(v.strip())
-        except ValueError:
-            raise _fail(col, v, "int64") from None
-        return _to_int(col, f)
-    elif hasattr(v, "__index__"):
-        out = operator.index(v)
-    else:
-        return _to_int(col, _scalar(col, v, "int64"))
+def _to_int(col: str, v: Any) -> int:
+    out = coerce(v, int, f"column {col!r}", ResultsError)
     if not -(2**63) <= out < 2**63:
         raise _fail(col, v, "int64 (out of range)")
     return out
 
 
 def _to_float(col: str, v: Any) -> float:
-    if isinstance(v, bool):
-        raise _fail(col, v, "float64")
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v.strip())
-        except ValueError:
-            raise _fail(col, v, "float64") from None
-    return _to_float(col, _scalar(col, v, "float64"))
+    return coerce(v, float, f"column {col!r}", ResultsError)
 
 
 def _to_bool(col: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return v.strip().lower() in ("true", "1", "yes")
-    if isinstance(v, (int, float, str)):
-        raise _fail(col, v, "bool")
-    return _to_bool(col, _scalar(col, v, "bool"))  # numpy / torch scalars
+    return coerce(v, bool, f"column {col!r}", ResultsError)
 
 
 def _to_str(col: str, v: Any) -> str:
@@ -504,40 +476,12 @@ def _check_name(what: str, name: Any) -> str:
     return name
 
 
-def _fs(storage: str | os.PathLike) -> tuple[pafs.FileSystem, str, bool]:
-    """``(filesystem, root path, is_local)`` for a local path or a pyarrow.fs URI."""
-    s = os.fspath(storage)
-    if "://" in s:
-        fs, path = pafs.FileSystem.from_uri(s)
-        return fs, path.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(s)), True
-
-
 def _exists(fs: pafs.FileSystem, path: str) -> pafs.FileType:
     return fs.get_file_info(path).type
 
 
-def _atomic_write(fs: pafs.FileSystem, local: bool, path: str, table: pa.Table) -> None:
-    """Write ``table`` to ``path`` through a hidden temp file in the same folder + rename."""
-    folder, name = path.rsplit("/", 1)
-    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-    try:
-        if local:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            with fs.open_output_stream(tmp) as f:
-                pq.write_table(table, f)
-            fs.move(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except OSError:
-            pass  # never created or already renamed
-        raise
+def _write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    atomic_write(path, lambda f: pq.write_table(table, f), fs=fs)
 
 
 def _read_file(fs: pafs.FileSystem, path: str) -> pa.Table:
@@ -551,12 +495,13 @@ def _read_file(fs: pafs.FileSystem, path: str) -> pa.Table:
         return pq.ParquetFile(f).read()
 
 
-def _study_dir(storage: str | os.PathLike, study: str) -> tuple[pafs.FileSystem, str, bool]:
-    fs, root, local = _fs(storage)
-    return fs, f"{root}/{_check_name('study name', study)}", local
+def _study(storage: str | os.PathLike, study: str) -> tuple[pafs.FileSystem, StudyLayout]:
+    """The filesystem of ``storage`` and the study's layout on it."""
+    fs, root, _ = filesystem(storage)
+    return fs, StudyLayout(root, _check_name("study name", study))
 
 
-_PART = re.compile(r"part-(?P<trial>.+)-(?P<seq>\d+)\.parquet")
+_PART = re.compile(StudyLayout.HISTORY_PART)
 
 
 def _history_parts(fs: pafs.FileSystem, hist: str) -> list[tuple[str, int, str]]:
@@ -568,6 +513,32 @@ def _history_parts(fs: pafs.FileSystem, hist: str) -> list[tuple[str, int, str]]
         if info.type == pafs.FileType.File and m:
             parts.append((m["trial"], int(m["seq"]), info.path))
     return sorted(parts)
+
+
+def _typed_array(values: list[Any]) -> pa.Array:
+    """Values of one ``extra`` key as the narrowest Arrow type that holds them all: int64,
+    float64 (ints and floats mixed), bool or string; nested or mixed values as JSON text."""
+    try:
+        arr = pa.array(values, from_pandas=True)
+        if not pa.types.is_nested(arr.type):
+            return arr.cast(pa.float64()) if pa.types.is_null(arr.type) else arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    return pa.array([None if v is None else json.dumps(v, sort_keys=True) for v in values],
+                    pa.string())
+
+
+def with_extra_columns(table: pa.Table) -> pa.Table:
+    """``table`` plus one typed column per key of its ``extra`` JSON (sorted by name, after
+    the others; a key that is already a column is left in ``extra`` only). This is how
+    a metric or config key outside the fixed schema reaches the readers."""
+    if "extra" not in table.column_names or table.num_rows == 0:
+        return table
+    dicts = [_extra_dict(v) for v in table["extra"].to_pylist()]
+    keys = sorted({k for d in dicts for k in d} - set(table.column_names))
+    for key in keys:
+        table = table.append_column(key, _typed_array([d.get(key) for d in dicts]))
+    return table
 
 
 def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
@@ -622,9 +593,10 @@ class ResultsWriter:
     ) -> None:
         self.study = _check_name("study name", study)
         self.storage = os.fspath(storage)
-        self._fs, self.path, self._local = _study_dir(storage, study)
-        self.trials_path = f"{self.path}/{TRIALS_FILE}"
-        self.history_path = f"{self.path}/{HISTORY_DIR}"
+        self._fs, self._paths = _study(storage, study)
+        self.path = self._paths.dir
+        self.trials_path = self._paths.trials_file
+        self.history_path = self._paths.history_dir
         self._layout = _layout(config_cls)
         self._config_cls = config_cls
         self._flush_rows = history_flush_rows
@@ -666,7 +638,8 @@ class ResultsWriter:
         extra: dict[str, Any] = {}
         for key, value in row.items():
             if key == "config":
-                out.update(trial_row_from_config(value, config_cls=self._config_cls))
+                for col, v in trial_row_from_config(value, config_cls=self._config_cls).items():
+                    (out if col in kinds else extra)[col] = v
             elif key == "extra":
                 extra.update(_extra_dict(value))
             elif key in kinds:
@@ -745,7 +718,7 @@ class ResultsWriter:
         secrets = _env_secrets()
         rows = [{**r, "extra": _dump_extra(r["extra"], secrets)} for r in self._trials.values()]
         table = pa.Table.from_pylist(rows, schema=self._layout.schema)
-        _atomic_write(self._fs, self._local, self.trials_path, table)
+        _write_table(self._fs, self.trials_path, table)
 
     def trials(self) -> list[dict[str, Any]]:
         """Copies of the stored rows (``extra`` as a dict), in insertion order."""
@@ -794,10 +767,8 @@ class ResultsWriter:
             rows = self._history[trial_id]
             if rows:
                 seq = self._next_seq.get(trial_id, 0)
-                path = f"{self.history_path}/part-{trial_id}-{seq:06d}.parquet"
-                _atomic_write(
-                    self._fs, self._local, path, pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
-                )
+                path = self._paths.history_part(trial_id, seq)
+                _write_table(self._fs, path, pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA))
                 self._next_seq[trial_id] = seq + 1
                 self._buffered -= len(rows)
             del self._history[trial_id]
@@ -850,12 +821,44 @@ def trial_row_from_config(config: Any, *, config_cls: type = RunConfig) -> dict[
             f"config must be a {config_cls.__name__} or a dict, got {type(config).__name__}"
         )
     layout = _layout(config_cls)
+    flat = _flatten(nested)
     out: dict[str, Any] = {}
     for key, col in layout.config_columns.items():
-        node: Any = nested
-        for part in key.split("."):
-            node = node[part]
-        out[col] = _coerce(col, layout.kinds[col], node)
+        value = flat[key] if key in flat else _lookup(nested, key)
+        out[col] = _coerce(col, layout.kinds[col], value)
+    out.update(_unknown_config(flat, layout))
+    return out
+
+
+def _flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (every leaf; a non-empty dict is no leaf)."""
+    out: dict[str, Any] = {}
+    for k, v in nested.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _lookup(nested: Mapping[str, Any], key: str) -> Any:
+    node: Any = nested
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _unknown_config(flat: Mapping[str, Any], layout: _TrialsLayout) -> dict[str, Any]:
+    """Config leaves the dataclass annotations do not declare (a component registered
+    from outside may add its own keys, e.g. ``diffusion.<param>``): column
+    ``section_key``; they reach ``extra`` and come back typed from the readers."""
+    known = layout.config_columns
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in known or any(key.startswith(k + ".") for k in known):
+            continue
+        col = key.replace(".", "_")
+        out[key if col in layout.kinds else col] = value
     return out
 
 
@@ -864,14 +867,15 @@ def trial_row_from_config(config: Any, *, config_cls: type = RunConfig) -> dict[
 
 def list_studies(storage: str | os.PathLike) -> list[str]:
     """Names of the studies under ``storage`` (folders with trials or history), sorted."""
-    fs, root, _ = _fs(storage)
+    fs, root, _ = filesystem(storage)
     out = []
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or not _NAME.fullmatch(info.base_name):
             continue
         if (
-            _exists(fs, f"{info.path}/{TRIALS_FILE}") == pafs.FileType.File
-            or _exists(fs, f"{info.path}/{HISTORY_DIR}") == pafs.FileType.Directory
+            _exists(fs, StudyLayout(root, info.base_name).trials_file) == pafs.FileType.File
+            or _exists(fs, StudyLayout(root, info.base_name).history_dir)
+            == pafs.FileType.Directory
         ):
             out.append(info.base_name)
     return sorted(out)
@@ -908,17 +912,18 @@ def resolve_study(storage: str | os.PathLike, study: str | None = None) -> str:
 
 
 def _trials_table(storage: str | os.PathLike, study: str) -> pa.Table:
-    fs, path, _ = _study_dir(storage, study)
-    file = f"{path}/{TRIALS_FILE}"
+    fs, paths = _study(storage, study)
+    file = paths.trials_file
     if _exists(fs, file) != pafs.FileType.File:
         if study in list_studies(storage):  # history only, no trial row yet
             return TRIALS_SCHEMA.empty_table()
         raise _no_study(storage, study)
-    return _conform(_read_file(fs, file), TRIALS_SCHEMA, file)
+    return with_extra_columns(_conform(_read_file(fs, file), TRIALS_SCHEMA, file))
 
 
 def read_trials(storage: str | os.PathLike, study: str) -> pd.DataFrame:
-    """One row per trial with the :data:`TRIALS_SCHEMA` columns (plus any unknown ones)."""
+    """One row per trial: the :data:`TRIALS_SCHEMA` columns, then any unknown ones, then
+    one typed column per key of ``extra``."""
     return _trials_table(storage, study).to_pandas()
 
 
@@ -928,15 +933,16 @@ def read_history(
     """Per-step rows, deduplicated on ``(trial_id, step)`` keeping the last written part.
 
     Sorted by trial_id then step. ``trial_id`` restricts the read to that trial's parts.
+    Keys of ``extra`` (metrics outside :data:`HISTORY_SCHEMA`) come back as typed columns.
     """
-    fs, path, _ = _study_dir(storage, study)
+    fs, paths = _study(storage, study)
     if study not in list_studies(storage):
         raise _no_study(storage, study)
     if trial_id is not None:
         _check_name("trial id", trial_id)
     parts = [
         p
-        for t, _, p in _history_parts(fs, f"{path}/{HISTORY_DIR}")
+        for t, _, p in _history_parts(fs, paths.history_dir)
         if trial_id is None or t == trial_id
     ]
     tables = []
@@ -946,7 +952,7 @@ def read_history(
         frags = sorted(dataset.get_fragments(), key=lambda fr: order[fr.path])
         tables = [fr.to_table(schema=HISTORY_SCHEMA) for fr in frags]
     table = pa.concat_tables(tables) if tables else HISTORY_SCHEMA.empty_table()
-    df = table.to_pandas()
+    df = with_extra_columns(table).to_pandas()
     df = df.drop_duplicates(subset=["trial_id", "step"], keep="last")
     return df.sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)
 

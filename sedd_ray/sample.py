@@ -26,6 +26,8 @@ import torch
 from sedd_ray import checkpoint as ckpt
 from sedd_ray.config import ConfigError, RunConfig
 from sedd_ray.data import decode
+from sedd_ray.io import local_path
+from sedd_ray.layout import RunLayout, TrainerFiles
 
 
 @dataclass
@@ -127,15 +129,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 def checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint directory from ``path``: the checkpoint itself, a folder with
     ``latest.json`` (the trainer's ``checkpoints/``), or a run folder holding one."""
-    text = str(path)
-    if "://" in text:
+    p = local_path(path)
+    if p is None:
         raise ckpt.CheckpointError(
-            f"checkpoint {text} is on remote storage; copy it to a local folder and pass "
+            f"checkpoint {path} is on remote storage; copy it to a local folder and pass "
             "--checkpoint DIR")
-    p = Path(text)
     if (p / ckpt.META_FILE).is_file() or not p.is_dir():
         return p  # a checkpoint, or a missing path that load_checkpoint reports
-    for root in (p, p / "checkpoints", p / "trainer" / "checkpoints"):
+    for root in (p, TrainerFiles(p).checkpoints, RunLayout.at(p).trainer_files().checkpoints):
         latest = ckpt.latest_checkpoint(root)
         if latest is not None:
             return latest

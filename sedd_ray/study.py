@@ -22,20 +22,19 @@ trials resumed; a Train run resumes from its own latest checkpoint).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sedd_ray import preflight
 from sedd_ray.cli import int_list, set_pairs
 from sedd_ray.cluster import DRIVER_RESOURCE  # the head's custom resource: Tune drivers live there
 from sedd_ray.config import ConfigError, RunConfig, apply_params, preset
+from sedd_ray.io import is_local, normalize
+from sedd_ray.layout import StudyLayout
 from sedd_ray.preflight import DEFAULT_RESOURCE_TIMEOUT_S
 from sedd_ray.registry import Registry
 
@@ -237,7 +236,7 @@ def _trial_driver(config: dict[str, Any], spec: dict[str, Any], storage: str) ->
     # The workers' reports reach Tune through TuneReportCallback, the final one with the
     # final checkpoint's path ("checkpoint_path"); nothing more to report here.
     launch(
-        cfg, name=trial_id, storage=f"{storage.rstrip('/')}/{spec.name}/train",
+        cfg, name=trial_id, storage=StudyLayout(storage, spec.name).train_dir,
         num_workers=spec.num_workers, gpus_per_worker=spec.gpus_per_worker,
         cpus_per_worker=spec.cpus_per_worker, max_failures=spec.max_failures,
         callbacks=[TuneReportCallback()], group=spec.name,
@@ -248,175 +247,10 @@ def _trial_driver(config: dict[str, Any], spec: dict[str, Any], storage: str) ->
 # --- results callback ----------------------------------------------------------------------
 
 def _results_callback(spec: StudySpec, storage: str):
-    from ray.tune import Callback
+    """The Tune callback that writes the study's Parquet (:mod:`sedd_ray.parquet_callback`)."""
+    from sedd_ray.parquet_callback import ParquetCallback
 
-    from sedd_ray.results import ResultsWriter, trial_row_from_config
-
-    class ParquetCallback(Callback):
-        """Writes trials.parquet and history parts while the study runs (on the driver)."""
-
-        def __init__(self) -> None:
-            self.writer: ResultsWriter | None = None
-            self.started: dict[str, float] = {}
-            self.rows: dict[str, dict[str, Any]] = {}
-
-        def _w(self) -> ResultsWriter:
-            if self.writer is None:  # lazily, so a restored study reloads existing rows
-                self.writer = ResultsWriter(storage, spec.name)
-            return self.writer
-
-        def _row(self, trial, status: str, error: str | None = None) -> dict[str, Any]:
-            params = {k: v for k, v in trial.config.items() if k != "level"}
-            row = self.rows.get(trial.trial_id, {})
-            try:
-                cfg = spec.trial_config(params)
-                row.update(trial_row_from_config(cfg.to_dict()))
-            except ConfigError as e:
-                row.update({k: v for k, v in params.items() if isinstance(v, (int, float, str))})
-                error = error or str(e)
-            row.update(study=spec.name, trial_id=trial.trial_id, status=status,
-                       ablated_axis=spec.ablate, level=trial.config.get("level"),
-                       devices=spec.num_workers * (spec.gpus_per_worker or 1))
-            if error is not None:
-                row["error"] = error
-            row.update(_versions())
-            self.rows[trial.trial_id] = row
-            return row
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.started.setdefault(trial.trial_id, time.time())
-            row = self._row(trial, "running")
-            row["start_time"] = _utc(self.started[trial.trial_id])
-            self._w().upsert_trial(row)
-            self._w().flush()
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            row = self._row(trial, "running")
-            _merge_metrics(row, result, self.started.get(trial.trial_id))
-            if not result.get("summary"):
-                self._w().append_history(trial.trial_id, [_history_row(spec.name, trial.trial_id, result)])
-            self._w().upsert_trial(row)
-            self._w().flush()
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            row = self._row(trial, "terminated")
-            _merge_metrics(row, trial.last_result or {}, self.started.get(trial.trial_id))
-            planned = row.get("steps") or 0
-            if (row.get("step") or 0) < planned:
-                row["status"] = "stopped_early"
-            row["end_time"] = _utc(time.time())
-            self._w().upsert_trial(row)
-            self._backfill_history(trial.trial_id)
-            self._w().flush()
-
-        def _backfill_history(self, trial_id: str) -> None:
-            """Steps a killed driver never recorded (between the checkpoint a resumed
-            trial restarted from and the crash) are in the trial's own metrics.jsonl; the
-            writer keeps one row per (trial, step), so re-adding every step is safe."""
-            path = Path(storage, spec.name, "train", trial_id, "trainer", "metrics.jsonl")
-            if "://" in storage or not path.is_file():
-                return
-            rows = []
-            try:
-                for line in path.read_text().splitlines():
-                    try:
-                        rows.append(_history_row(spec.name, trial_id, json.loads(line)))
-                    except ValueError:  # a line cut short by a crash
-                        continue
-                self._w().append_history(trial_id, rows)
-            except Exception as e:  # noqa: BLE001 - the trial's own row is already written
-                print(f"warning: history of trial {trial_id} not completed from {path}: {e}",
-                      file=sys.stderr)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            row = self._row(trial, "error", error=_trial_error(trial))
-            _merge_metrics(row, trial.last_result or {}, self.started.get(trial.trial_id))
-            row["end_time"] = _utc(time.time())
-            self._w().upsert_trial(row)
-            self._backfill_history(trial.trial_id)
-            self._w().flush()
-
-    return ParquetCallback()
-
-
-def _utc(ts: float):
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
-
-
-_VERSIONS: dict[str, str] = {}
-
-
-def _versions() -> dict[str, str]:
-    if not _VERSIONS:
-        import subprocess
-
-        import ray
-        import torch
-
-        try:
-            sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            sha = ""
-        _VERSIONS.update(git_sha=sha or "unknown", torch_version=torch.__version__,
-                         ray_version=ray.__version__)
-    return dict(_VERSIONS)
-
-
-def _merge_metrics(row: dict[str, Any], result: Mapping[str, Any], started: float | None) -> None:
-    for key in ("step", "val_nll_stderr", "test_nll", "test_nll_stderr", "test_ppl_bound",
-                "n_params", "n_params_non_embedding", "true_nll"):
-        if key in result and result[key] is not None:
-            row[key] = result[key]
-    if "tokens" in result:
-        row["tokens_seen"] = result["tokens"]
-    if _finite(result.get("val_nll")):
-        row["final_val_nll"] = result["val_nll"]
-        row["val_nll_stderr"] = result.get("val_nll_stderr")
-        best = row.get("best_val_nll")
-        if best is None or result["val_nll"] < best:
-            row["best_val_nll"] = result["val_nll"]
-            row["best_val_nll_stderr"] = result.get("val_nll_stderr")
-        row["val_nll"] = row["best_val_nll"]
-        row["val_ppl_bound"] = math.exp(min(row["val_nll"], 700))
-        if row.get("true_nll") is not None:
-            row["bound_gap"] = row["val_nll"] - row["true_nll"]
-    if result.get("checkpoint_path"):
-        row["checkpoint_path"] = result["checkpoint_path"]
-    if started is not None:
-        row["wall_time_s"] = time.time() - started
-        row["device_hours"] = row["wall_time_s"] / 3600 * row.get("devices", 1)
-
-
-def _history_row(study: str, trial_id: str, result: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("step", "tokens", "train_loss", "val_nll", "val_nll_stderr", "lr", "grad_norm",
-            "tokens_per_s", "time_s")
-    return {"study": study, "trial_id": trial_id, **{k: result.get(k) for k in keys}}
-
-
-def _trial_error(trial) -> str:
-    for attr in ("error_msg",):
-        msg = getattr(trial, attr, None)
-        if msg:
-            return _last_line(msg)
-    path = getattr(trial, "error_file", None) or ""
-    try:
-        if path and os.path.exists(path):
-            return _last_line(Path(path).read_text())
-    except OSError:
-        pass
-    return "trial failed (no error text recorded)"
-
-
-def _last_line(text: str) -> str:
-    """The meaningful line of a (possibly nested) Ray traceback: the last exception line."""
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]:
-            return ln[:2000]
-    return (lines[-1] if lines else str(text))[:2000]
+    return ParquetCallback(spec, storage)
 
 
 # --- running a study -----------------------------------------------------------------------
@@ -458,17 +292,17 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     from sedd_ray.launch import connect
 
     spec.validate()
-    local = "://" not in storage
-    if local:  # an impossible storage path fails now, creating nothing
-        storage = str(precheck_writable_dir(storage, "--storage"))
+    storage = normalize(storage)
+    if is_local(storage):  # an impossible storage path fails now, creating nothing
+        precheck_writable_dir(storage, "--storage")
     _precheck_data(spec)  # a missing, empty or too short corpus fails before Ray starts
     # A new local cluster gets the driver resource too (cluster.yaml declares it on the head).
     connect(address, resources={DRIVER_RESOURCE: 1000})
     preflight.check(study_ask(spec), timeout_s=resource_timeout)  # before anything is written
-    if local:  # read-only or full disk: fails here, before any trial
+    if is_local(storage):  # read-only or full disk: fails here, before any trial
         ensure_writable_dir(storage, "--storage")
-    study_dir = f"{storage.rstrip('/')}/{spec.name}"
-    tune_dir = f"{study_dir}/tune"
+    layout = StudyLayout(storage, spec.name)
+    study_dir, tune_dir = layout.dir, layout.tune_dir
     # Train reports val_nll only at evaluation steps; ASHA and Optuna skip results without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our trimmed CLIReporter table
@@ -543,7 +377,7 @@ def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
             max_concurrent_trials=max_concurrent_trials(spec), metric=spec.metric, mode=spec.mode,
         ),
         run_config=tune.RunConfig(
-            name="tune", storage_path=f"{storage.rstrip('/')}/{spec.name}",
+            name=StudyLayout.TUNE_NAME, storage_path=StudyLayout(storage, spec.name).dir,
             callbacks=[_results_callback(spec, storage)], progress_reporter=reporter,
             failure_config=tune.FailureConfig(max_failures=0), verbose=verbose,
         ),
@@ -665,7 +499,6 @@ def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     from sedd_ray.checkpoint import StorageError
 

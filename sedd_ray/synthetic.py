@@ -55,6 +55,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sedd_ray.registry import Registry
+from sedd_ray.values import coerce
 
 __all__ = [
     "DEFAULT_BLOCKS",
@@ -353,22 +354,6 @@ class Copy(Synthetic):
 
 # --- specs, sizes, splits, tokenizer ------------------------------------------------------
 
-def _coerce(value: str, like: Any, where: str) -> Any:
-    try:
-        if isinstance(like, bool):
-            raise TypeError
-        if isinstance(like, int):
-            f = float(value)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
-        if isinstance(like, float):
-            return float(value)
-        return value
-    except (TypeError, ValueError):
-        raise SyntheticError(f"{where} must be {type(like).__name__}, got {value!r}") from None
-
-
 def parse_spec(spec: str) -> tuple[Synthetic, dict[str, int]]:
     """``"NAME:key=value,..."`` -> (source, size); size holds ``blocks`` or ``tokens`` if given.
 
@@ -391,10 +376,10 @@ def parse_spec(spec: str) -> tuple[Synthetic, dict[str, int]]:
         if key in kwargs or key in size:
             raise SyntheticError(f"{name}: {key} given twice in {spec!r}")
         if key in SIZE_KEYS:
-            size[key] = _coerce(value, 0, f"{name}: {key}")
+            size[key] = coerce(value, int, f"{name}: {key}", SyntheticError)
             _need(size[key] > 0, f"{name}: {key} must be > 0, got {size[key]}")
         elif key in defaults:
-            kwargs[key] = _coerce(value, defaults[key], f"{name}: {key}")
+            kwargs[key] = coerce(value, type(defaults[key]), f"{name}: {key}", SyntheticError)
         else:
             valid = ", ".join([*defaults, *SIZE_KEYS])
             raise SyntheticError(f"{name}: unknown key {key!r}; valid keys: {valid}")

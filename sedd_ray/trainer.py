@@ -48,7 +48,10 @@ from sedd_ray.diffusion import (
     sample,
     score_entropy_loss,
 )
+from sedd_ray.io import atomic_write
+from sedd_ray.layout import TrainerFiles
 from sedd_ray.model import ScoreModel, count_parameters
+from sedd_ray.values import perplexity
 
 PROGRESS_INTERVAL_NO_TTY_S = 10.0  # seconds between progress lines when stderr is no terminal
 TOKENIZER_FILE = "tokenizer.json"  # saved in every checkpoint: sampling needs no corpus
@@ -299,7 +302,8 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.out = Path(output_dir).absolute()
-        self.ckpt_dir = self.out / "checkpoints"
+        self.files = TrainerFiles(self.out)
+        self.ckpt_dir = self.files.checkpoints
         self.report_fn = report
         self.rank, self.world = _dist()
         self.is_main = self.rank == 0
@@ -479,7 +483,7 @@ class Trainer:
         ``report``, which is the same on every rank and true whenever a checkpoint is written."""
         if self.is_main:
             self.history.append(metrics)
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.files.metrics, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if self.wandb_run is not None:
                 self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -595,7 +599,7 @@ class Trainer:
         """Evaluate the validation bound and update the best value; the metrics it adds."""
         nll, se, _ = self.evaluate("val")
         self.best_val = min(self.best_val, nll)
-        return {"val_nll": nll, "val_nll_stderr": se, "val_ppl_bound": math.exp(min(nll, 700)),
+        return {"val_nll": nll, "val_nll_stderr": se, "val_ppl_bound": perplexity(nll),
                 "best_val_nll": self.best_val}
 
     def _checkpoint(self) -> Path | None:
@@ -621,7 +625,7 @@ class Trainer:
         if t.test_draws > 0:
             nll, se, _ = self.evaluate("test", draws=t.test_draws, sequences=t.test_sequences)
             result.test_nll, result.test_nll_stderr = nll, se
-            result.test_ppl_bound = math.exp(min(nll, 700))
+            result.test_ppl_bound = perplexity(nll)
             metrics.update(test_nll=nll, test_nll_stderr=se, test_ppl_bound=result.test_ppl_bound)
         written = None
         if self.is_main:
@@ -639,11 +643,11 @@ class Trainer:
                        tokens_seen=self.tokens, wall_time_s=result.wall_time_s)
         self._emit({**metrics, "final": True}, written)
         if self.is_main:
-            ckpt.atomic_write_text(self.out / "final.json", json.dumps(asdict(result), indent=1))
+            atomic_write(self.files.final, json.dumps(asdict(result), indent=1))
         return result
 
     def _write_samples(self, texts: list[str]) -> None:
-        with open(self.out / "samples.jsonl", "a") as f:
+        with open(self.files.samples, "a") as f:
             for s in texts:
                 f.write(json.dumps({"step": self.step, "text": s}) + "\n")
 

@@ -29,6 +29,7 @@ from sedd_ray import results as R
 from sedd_ray import sample as sample_cli
 from sedd_ray import study as study_cli
 from sedd_ray import train as train_cli
+from sedd_ray.layout import StudyLayout, TrainerFiles
 
 # The tiny_config of conftest as CLI flags (same data config, so the same data cache).
 TINY = ["--preset", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "8",
@@ -122,7 +123,7 @@ def trained(tmp_path_factory, tiny_bundle) -> Path:
 def copy_run(trained: Path, dest: Path) -> Path:
     """A copy of the whole run folder (its checkpoints and logs) at ``dest``."""
     shutil.copytree(trained.parent.parent, dest)
-    return dest / "checkpoints" / trained.name
+    return TrainerFiles(dest).checkpoints / trained.name
 
 
 def rewrite_checksums(ckpt_dir: Path) -> None:
@@ -479,20 +480,21 @@ def test_wandb_key_never_reaches_trainer_files_or_parquet(tmp_path, capfd, monke
     rc = train_cli.main([*TINY, "--wandb", "true", "--no-ray", "--output", str(out),
                          "--name", "secret-run"])
     assert rc == 0, capfd.readouterr().err[-2000:]
-    final = json.loads((out / "final.json").read_text())
+    final = json.loads(TrainerFiles(out).final.read_text())
     cfg = tiny_config(steps=4, wandb=True)
     w = R.ResultsWriter(tmp_path / "results", "s", history_flush_rows=1)
     w.upsert_trial({"trial_id": "t0", "status": "error", "config": cfg.to_dict(),
                     "error": f"wandb.errors.AuthenticationError: bad key {key}",
                     "env": dict(os.environ), **{k: v for k, v in final.items()
                                                 if k not in ("samples", "data_meta")}})
-    for line in (out / "metrics.jsonl").read_text().splitlines():
+    for line in TrainerFiles(out).metrics.read_text().splitlines():
         w.append_history("t0", [{**json.loads(line), "note": f"WANDB_API_KEY={key}"}])
     w.close()
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     names = {p.name for p in files}
-    assert {"metrics.jsonl", "final.json", "samples.jsonl", "state.pt", "meta.json",
-            "trials.parquet", "debug.log"} <= names, names  # the trainer's and wandb's files
+    run = TrainerFiles(out)
+    assert {run.metrics.name, run.final.name, run.samples.name, "state.pt", "meta.json",
+            Path(StudyLayout(".", "s").trials_file).name, "debug.log"} <= names, names
     leaked = [str(p) for p in files if key.encode() in p.read_bytes()]
     assert leaked == []
     row = R.get_trial(tmp_path / "results", "s", "t0")

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))  # `experiments` is a folder of scripts, not insta
 
 from experiments import analyze  # noqa: E402
 from sedd_ray.config import apply_params, preset  # noqa: E402
+from sedd_ray.layout import StudyLayout  # noqa: E402
 from sedd_ray.results import (  # noqa: E402
     ResultsWriter,
     get_trial,
@@ -92,9 +93,9 @@ def test_analyze_imports_neither_torch_nor_ray():
 
 def test_report_of_an_ablation_with_a_failed_trial(tmp_path):
     fake_study(tmp_path, "abl", "graph", ["uniform", "absorb"], per_level=3, statuses={0: "error"})
-    d = tmp_path / "abl" / "train" / "t003" / "trainer"  # the best trial
-    d.mkdir(parents=True)
-    (d / "samples.jsonl").write_text(json.dumps({"step": 100, "text": "OLD SAMPLE"}) + "\n"
+    files = StudyLayout(str(tmp_path), "abl").trial("t003").trainer_files()  # the best trial
+    files.root.mkdir(parents=True)
+    files.samples.write_text(json.dumps({"step": 100, "text": "OLD SAMPLE"}) + "\n"
                                      + json.dumps({"step": 200, "text": "ROMEO: hello"}) + "\n")
     path = analyze.write_report(tmp_path, "abl")
     report = path.read_text()

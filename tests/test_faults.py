@@ -38,6 +38,7 @@ from raytools import (
 )
 
 from sedd_ray import checkpoint as ckpt
+from sedd_ray.layout import StudyLayout, TrainerFiles
 from sedd_ray.results import read_history, read_trials
 
 pytestmark = pytest.mark.faults
@@ -95,15 +96,15 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, 
     args = [*TINY, "--steps", "30", "--output", str(out)]
     assert train_cli.main(args) == 1
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == [f"error: checkpoint {out}/checkpoints/ckpt-00000020 could not be written (No "
+    root = TrainerFiles(out).checkpoints
+    assert err == [f"error: checkpoint {root}/ckpt-00000020 could not be written (No "
                    "space left on device); ckpt-00000010 is intact: free some space and run "
                    "again to resume from it"]
-    root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000010", "latest.json"]
     ckpt.load_checkpoint(root / "ckpt-00000010")  # whole and checksummed
     monkeypatch.setattr(ckpt.torch, "save", real_save)  # space freed
     assert train_cli.main(args) == 0
-    final = json.loads((out / "final.json").read_text())
+    final = json.loads(TrainerFiles(out).final.read_text())
     assert final["resumed_from_step"] == 10 and final["step"] == 30
 
 
@@ -140,8 +141,8 @@ def _kill_mid_trial(proc: subprocess.Popen, storage: Path, finished_before: int)
         rows = _trials(storage)
         done = {r["trial_id"] for r in rows if r["status"] == "terminated"}
         for r in rows:
-            committed = committed_steps(storage / "graph-ablation" / "train" / r["trial_id"]
-                                   / "checkpoint_manager_snapshot.json")
+            run = StudyLayout(str(storage), "graph-ablation").trial(r["trial_id"])
+            committed = committed_steps(Path(run.dir, "checkpoint_manager_snapshot.json"))
             if len(done) > finished_before - 1 and r["status"] == "running" and committed:
                 kill_session(proc)
                 return {"done": done, "in_flight": r["trial_id"], "committed": committed[-1]}
@@ -174,8 +175,8 @@ def test_driver_killed_twice_resume_completes_every_trial_once(tmp_path):
     for kill in (first, second):
         # The trial in flight at each kill resumed from its checkpoint, not from step 0:
         # its trainer log (every step, complete) restarts after the committed step.
-        log = jsonl(storage / "graph-ablation" / "train" / kill["in_flight"] / "trainer"
-                     / "metrics.jsonl")
+        run = StudyLayout(str(storage), "graph-ablation").trial(kill["in_flight"])
+        log = jsonl(run.trainer_files().metrics)
         steps = [m["step"] for m in log]
         restarts = [b for a, b in zip(steps, steps[1:]) if b <= a]
         assert restarts and min(restarts) > kill["committed"], steps
@@ -204,7 +205,7 @@ def test_worker_killed_three_times_matches_an_uninterrupted_run(cluster, tmp_pat
 
     cfg = tiny_config(steps=800, ckpt_every=50, eval_every=400, log_every=10)
     plain, reference = plain_reference(cfg, tmp_path / "plain")
-    reference_loss = jsonl(tmp_path / "plain" / "metrics.jsonl")[-1]["train_loss"]
+    reference_loss = jsonl(TrainerFiles(tmp_path / "plain").metrics)[-1]["train_loss"]
 
     logs, runs = tmp_path / "logs", tmp_path / "runs"
     logs.mkdir()
@@ -256,7 +257,8 @@ def test_node_removed_mid_trial_is_retried_elsewhere_and_the_study_completes(clu
     def remove_the_workers_node():
         deadline = time.time() + 240
         while time.time() < deadline:
-            snaps = list((storage / "node-loss" / "train").glob("*/checkpoint_manager_snapshot.json"))
+            train_dir = Path(StudyLayout(str(storage), "node-loss").train_dir)
+            snaps = list(train_dir.glob("*/checkpoint_manager_snapshot.json"))
             committed = committed_steps(snaps[0]) if snaps else []
             if committed:
                 alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
@@ -283,7 +285,8 @@ def test_node_removed_mid_trial_is_retried_elsewhere_and_the_study_completes(clu
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
     nodes = {w.node_id for w in workers}
     assert removed["node"] in nodes and len(nodes) >= 2  # ran, lost, ran again elsewhere
-    log = jsonl(storage / "node-loss" / "train" / removed["trial"] / "trainer" / "metrics.jsonl")
+    log = jsonl(StudyLayout(str(storage), "node-loss").trial(removed["trial"])
+                .trainer_files().metrics)
     steps = [m["step"] for m in log]
     restarts = [b for a, b in zip(steps, steps[1:]) if b <= a]
     assert len(restarts) == 1 and restarts[0] > removed["committed"], steps  # not from 0

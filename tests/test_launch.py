@@ -20,6 +20,7 @@ from raytools import (
 )
 
 from sedd_ray.launch import LaunchError, launch
+from sedd_ray.layout import RunLayout, TrainerFiles
 
 pytestmark = pytest.mark.ray
 
@@ -63,14 +64,15 @@ def test_killed_worker_resumes_from_checkpoint_and_matches(cluster, tmp_path):
     runs = tmp_path / "runs"
     thread, out = launch_in_thread(cfg, name="faulty", storage=str(runs), num_workers=1,
                                    node_log=str(logs), max_failures=2)
-    metrics = runs / "faulty" / "trainer" / "metrics.jsonl"
+    metrics = RunLayout(str(runs), "faulty").trainer_files().metrics
     deadline = time.time() + 240
     killed_after = None
     while time.time() < deadline and thread.is_alive():
         # Kill once Ray's controller has committed the step-100 checkpoint (its snapshot
         # names it): a checkpoint reported but not yet registered is lost with the worker.
         steps = [r["step"] for r in jsonl(metrics)]
-        if 100 in committed_steps(runs / "faulty" / "checkpoint_manager_snapshot.json") and steps:
+        snapshot = Path(RunLayout(str(runs), "faulty").dir, "checkpoint_manager_snapshot.json")
+        if 100 in committed_steps(snapshot) and steps:
             killed_after = max(steps)
             os.kill(_log(logs, 0)[0]["pid"], signal.SIGKILL)
             break
@@ -86,7 +88,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches(cluster, tmp_path):
     assert result["step"] == reference.step
     assert result["val_nll"] == reference.val_nll  # same final metrics as without the fault
     assert result["train_loss"] == json.loads(
-        (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
+        TrainerFiles(tmp_path / "plain").metrics.read_text().splitlines()[-1])["train_loss"]
 
 
 def test_failed_run_exits_nonzero_with_the_worker_error(cluster, tmp_path, capsys, monkeypatch):

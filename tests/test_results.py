@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -18,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sedd_ray import results as R
-from sedd_ray.config import DataConfig, RunConfig, TrainConfig, preset
+from sedd_ray.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, preset
+from sedd_ray.layout import StudyLayout
 
 STUDY = "s1"
 
@@ -32,7 +34,11 @@ def _trial(trial_id: str, status: str = "terminated", val: float | None = 3.0, *
 
 
 def _trials_file(tmp_path, study=STUDY) -> str:
-    return str(tmp_path / study / "trials.parquet")
+    return StudyLayout(str(tmp_path), study).trials_file
+
+
+def _history(tmp_path, study=STUDY) -> Path:
+    return Path(StudyLayout(str(tmp_path), study).history_dir)
 
 
 # --- schema --------------------------------------------------------------------------------
@@ -82,12 +88,12 @@ def test_written_schema_is_exactly_the_declared_one(tmp_path):
         w.append_history("t1", [{"step": 1, "train_loss": 2.0}])
     got = pq.read_schema(_trials_file(tmp_path))
     assert got.equals(R.TRIALS_SCHEMA, check_metadata=True)
-    parts = list((tmp_path / STUDY / "history").glob("part-*.parquet"))
+    parts = list(_history(tmp_path).glob("part-*.parquet"))
     assert len(parts) == 1
     assert pq.read_schema(parts[0]).equals(R.HISTORY_SCHEMA, check_metadata=True)
     # and pandas reads both directly
     assert len(pd.read_parquet(_trials_file(tmp_path))) == 1
-    assert len(pd.read_parquet(tmp_path / STUDY / "history")) == 1
+    assert len(pd.read_parquet(_history(tmp_path))) == 1
 
 
 # --- upsert / resume / history -------------------------------------------------------------
@@ -143,7 +149,7 @@ def test_resume_keeps_rows_and_parts(tmp_path):
     b = R.get_trial(tmp_path, STUDY, "b")
     assert b["status"] == "terminated" and b["graph"] == "absorb"
     assert '"attempt": 1' in b["extra"]
-    names = sorted(p.name for p in (tmp_path / STUDY / "history").iterdir())
+    names = sorted(p.name for p in _history(tmp_path).iterdir())
     assert names == ["part-a-000000.parquet", "part-a-000001.parquet"]
     assert list(R.read_history(tmp_path, STUDY)["step"]) == [0, 1, 2, 3]
 
@@ -152,13 +158,13 @@ def test_history_dedup_keeps_last_written(tmp_path):
     w = R.ResultsWriter(tmp_path, STUDY, history_flush_rows=10**9, history_flush_s=1e9)
     w.append_history("t1", [{"step": s, "train_loss": 1.0, "tokens": s * 100} for s in range(5)])
     w.append_history("t2", [{"step": 0, "train_loss": 9.0, "my_key": "x"}])
-    assert not list((tmp_path / STUDY / "history").iterdir())  # buffered
+    assert not list(_history(tmp_path).iterdir())  # buffered
     w.flush()
     # trial t1 re-runs from step 3 (a resumed checkpoint): steps 3-4 again, then 5
     w2 = R.ResultsWriter(tmp_path, STUDY)
     w2.append_history("t1", [{"step": s, "train_loss": 0.5} for s in (3, 4, 5)])
     w2.flush()
-    raw = pd.read_parquet(tmp_path / STUDY / "history")
+    raw = pd.read_parquet(_history(tmp_path))
     assert len(raw) == 9
     h = R.read_history(tmp_path, STUDY)
     t1 = h[h["trial_id"] == "t1"]
@@ -199,7 +205,7 @@ _READER = textwrap.dedent("""
 def test_readers_never_see_a_partial_file(tmp_path):
     w = R.ResultsWriter(tmp_path, STUDY, history_flush_rows=1)
     w.upsert_trial(_trial("t0"))
-    path, hist = _trials_file(tmp_path), str(tmp_path / STUDY / "history")
+    path, hist = _trials_file(tmp_path), str(_history(tmp_path))
     stop_file = tmp_path / "stop"
     proc = subprocess.Popen(
         [sys.executable, "-c", _READER, path, hist, str(stop_file)],
@@ -240,8 +246,10 @@ def test_readers_never_see_a_partial_file(tmp_path):
     assert reads[0] > 0 and int(out) > 0
     assert len(R.read_trials(tmp_path, STUDY)) == 7
     # a temp file left by a crashed writer is invisible to readers
-    (tmp_path / STUDY / "history" / ".part-t0-000099.parquet.abc.tmp").write_bytes(b"junk")
-    (tmp_path / STUDY / ".trials.parquet.abc.tmp").write_bytes(b"junk")
+    part = Path(StudyLayout(str(tmp_path), STUDY).history_part("t0", 99))
+    part.with_name(f".{part.name}.abc.tmp").write_bytes(b"junk")
+    trials = Path(_trials_file(tmp_path))
+    trials.with_name(f".{trials.name}.abc.tmp").write_bytes(b"junk")
     assert len(pd.read_parquet(hist)) == len(R.read_history(tmp_path, STUDY))
     assert not [f for f in pads.dataset(hist, format="parquet").files if ".tmp" in f]
 
@@ -339,6 +347,54 @@ def test_new_config_field_becomes_a_column(tmp_path):
     assert R.read_trials(tmp_path, STUDY)["new_knob"].iloc[0] == 0.25
 
 
+# --- keys outside the schema come back typed ---------------------------------------------------
+
+
+def test_keys_outside_the_schema_come_back_as_typed_columns(tmp_path):
+    w = R.ResultsWriter(tmp_path, STUDY)
+    w.upsert_trial(_trial("t1", probe=1, gauge=0.5, flag=True, label="a", nested={"k": 1}))
+    w.upsert_trial(_trial("t2", probe=2.5, label=None, extra={"from_extra": 3}))
+    w.append_history("t1", [{"step": 1, "probe": 3}, {"step": 2, "probe": 4, "text": "x"}])
+    w.flush()
+    # The files keep exactly the declared schemas: such keys live in `extra` there.
+    assert pq.read_schema(_trials_file(tmp_path)).equals(R.TRIALS_SCHEMA, check_metadata=True)
+    df = R.read_trials(tmp_path, STUDY).set_index("trial_id")
+    assert str(df["probe"].dtype) == "float64" and list(df["probe"]) == [1.0, 2.5]
+    assert df.loc["t1", "gauge"] == 0.5 and math.isnan(df.loc["t2", "gauge"])
+    assert df.loc["t1", "flag"] is True and df.loc["t1", "label"] == "a"
+    assert df.loc["t1", "nested"] == '{"k": 1}' and df.loc["t2", "from_extra"] == 3
+    assert '"probe": 1' in df.loc["t1", "extra"]  # still in extra too
+    assert R.best_trial(tmp_path, STUDY, metric="probe", mode="max")["trial_id"] == "t2"
+    assert R.get_trial(tmp_path, STUDY, "t1")["gauge"] == 0.5
+    h = R.read_history(tmp_path, STUDY)
+    assert str(h["probe"].dtype) == "int64" and list(h["probe"]) == [3, 4]
+    assert list(h["text"].fillna("-")) == ["-", "x"]
+
+
+@dataclass
+class _DiffusionPlus(DiffusionConfig):
+    """A component's own knobs, unknown to the declared RunConfig (registered from outside)."""
+
+    eps: float = 2e-3
+    warp: bool = True
+    sigma_min: float = 1e-4  # a declared field stays its declared column
+
+
+def test_unknown_config_keys_land_typed_without_breaking_the_schema(tmp_path):
+    cfg = preset("tiny")
+    cfg.diffusion = _DiffusionPlus(graph="uniform", noise="geometric")
+    row = R.trial_row_from_config(cfg)
+    assert row["graph"] == "uniform" and row["diffusion_eps"] == 2e-3 and row["diffusion_warp"]
+    w = R.ResultsWriter(tmp_path, STUDY)
+    w.upsert_trial({"trial_id": "t1", "status": "terminated", "config": cfg})
+    w.upsert_trial(_trial("t2"))  # a trial without the component
+    assert pq.read_schema(_trials_file(tmp_path)).equals(R.TRIALS_SCHEMA, check_metadata=True)
+    df = R.read_trials(tmp_path, STUDY).set_index("trial_id")
+    assert str(df["diffusion_eps"].dtype) == "float64" and df.loc["t1", "diffusion_eps"] == 2e-3
+    assert math.isnan(df.loc["t2", "diffusion_eps"]) and df.loc["t1", "diffusion_warp"] is True
+    assert df.loc["t1", "sigma_min"] == 1e-4 and "sigma_min" not in R.config_columns().keys()
+
+
 # --- secrets and import hygiene --------------------------------------------------------------
 
 
@@ -361,7 +417,7 @@ def test_secrets_never_reach_the_files(tmp_path, monkeypatch):
         )
     )
     w.append_history("t1", [{"step": 1, "msg": key}])
-    for f in list((tmp_path / STUDY).rglob("*.parquet")):
+    for f in list(Path(StudyLayout(str(tmp_path), STUDY).dir).rglob("*.parquet")):
         table = pq.read_table(f)
         for col in table.columns:
             if pa.types.is_string(col.type):

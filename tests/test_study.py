@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sedd_ray.config import ConfigError
+from sedd_ray.layout import StudyLayout
 from sedd_ray.results import read_history, read_trials
 from sedd_ray.study import Choice, Float, StudySpec, run_study
 
@@ -71,13 +72,15 @@ def study(ray_cluster, tmp_path_factory):
 
 READER = """
 import json, pathlib, sys, time
+from pathlib import Path
 import pyarrow.parquet as pq
+from sedd_ray.layout import StudyLayout
 from sedd_ray.results import read_history, read_trials
 storage, stop = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 reads = {"ok": 0, "errors": []}
 while not stop.exists():
     try:
-        if (storage / "grid" / "trials.parquet").exists():
+        if Path(StudyLayout(str(storage), "grid").trials_file).exists():
             read_trials(storage, "grid")
             read_history(storage, "grid")
             reads["ok"] += 1
@@ -132,7 +135,7 @@ def test_history_holds_every_log_step_of_every_trial(study):
 
 def test_parquet_types_are_the_fixed_schema(study):
     storage, _, _ = study
-    schema = pq.read_schema(storage / "grid" / "trials.parquet")
+    schema = pq.read_schema(StudyLayout(str(storage), "grid").trials_file)
     expect = {"study": pa.string(), "trial_id": pa.string(), "status": pa.string(),
               "error": pa.string(), "graph": pa.string(), "noise": pa.string(),
               "model": pa.string(), "lr": pa.float64(), "seed": pa.int64(), "step": pa.int64(),

@@ -14,6 +14,7 @@ from conftest import tiny_config
 
 from sedd_ray import checkpoint as ckpt
 from sedd_ray import trainer as trainer_mod
+from sedd_ray.layout import TrainerFiles
 from sedd_ray.trainer import NonFiniteLossError, Trainer, drill_nan_step, train
 
 
@@ -48,7 +49,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_bundle):
     assert resumed.resumed_from_step == 1000 and resumed.step == full.step == 2000
 
     def curve(run):  # every log row, reported or not
-        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        rows = [json.loads(line) for line in TrainerFiles(tmp_path / run).metrics.open()]
         return [(m["step"], m["train_loss"]) for m in rows if "train_loss" in m]
 
     assert len(curve("full")) == 2000 // 50
@@ -70,7 +71,7 @@ def test_log_rows_are_reported_at_most_every_report_every_s(tmp_path, tiny_bundl
                           report_every_s=every)
         train(cfg, tmp_path / name, lambda m, c: seen.append((m["step"], c is not None)),
               bundle=tiny_bundle)
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        rows = [json.loads(line) for line in TrainerFiles(tmp_path / name).metrics.open()]
         return seen, [r["step"] for r in rows]
 
     every_log_point = sorted({*range(2, 21, 2), 5, 15})  # log steps, checkpoint steps
@@ -90,7 +91,7 @@ def test_checkpoint_holds_the_whole_state(tmp_path, tiny_bundle):
     assert state["step"] == meta["step"] == 10
     assert state["tokens"] == 10 * 8 * 32
     assert meta["vocab_size"] == tiny_bundle.vocab_size
-    assert (tmp_path / "final.json").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    assert TrainerFiles(tmp_path).final.is_file() and TrainerFiles(tmp_path).metrics.is_file()
 
 
 def test_nan_loss_stops_with_step_and_last_finite_loss(tmp_path, tiny_bundle, monkeypatch):
@@ -209,7 +210,7 @@ def test_killed_mid_write_checkpoint_is_never_loaded(tmp_path, tiny_bundle):
     p.start()
     p.join(timeout=240)
     assert p.exitcode == 9
-    root = tmp_path / "checkpoints"
+    root = TrainerFiles(tmp_path).checkpoints
     assert [c.name for c in ckpt.list_checkpoints(root)] == ["ckpt-00000010"]
     assert ckpt.latest_checkpoint(root).name == "ckpt-00000010"
     assert any(n.name.startswith(".tmp-ckpt-00000020") for n in root.iterdir())  # the debris

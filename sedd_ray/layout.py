@@ -1,0 +1,137 @@
+"""Where every file of a study, a trial and a run lives: the only place it is spelled.
+
+A study (``StudyLayout(storage, study)``)::
+
+    <storage>/<study>/trials.parquet                          one row per trial (results.py)
+    <storage>/<study>/history/part-<trial>-<seq>.parquet      per-step rows (results.py)
+    <storage>/<study>/tune/                                   Ray Tune's experiment state
+    <storage>/<study>/train/<trial>/                          the trial's Ray Train run
+
+A Ray Train run (``RunLayout(storage, name)``; a study's trial is ``study.trial(id)``)::
+
+    <storage>/<name>/                  Ray Train: checkpoint_* folders, controller state
+    <storage>/<name>/trainer/          the trainer's own files (local storage only)
+
+A trainer's output folder (``TrainerFiles(output_dir)``: ``python -m sedd_ray.train
+--no-ray --output DIR``, or a run's ``trainer/``)::
+
+    metrics.jsonl  samples.jsonl  final.json  checkpoints/
+
+``storage`` is a local path or a URI (see :mod:`sedd_ray.io`); paths are strings joined
+with ``/`` so a URI stays one. Pure Python: the analysis scripts import it too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sedd_ray.io import join, local_path
+
+__all__ = ["RunLayout", "StudyLayout", "TrainerFiles"]
+
+
+@dataclass(frozen=True)
+class TrainerFiles:
+    """The files one trainer writes into its output folder ``root``."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def metrics(self) -> Path:
+        """Every log row, one JSON object per line (also on resume: appended)."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def final(self) -> Path:
+        """:class:`sedd_ray.trainer.TrainResult` as JSON, written when the run ends."""
+        return self.root / "final.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Checkpoint folders and ``latest.json`` (:mod:`sedd_ray.checkpoint`)."""
+        return self.root / "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """One Ray Train run named ``name`` under ``storage``."""
+
+    storage: str
+    name: str
+
+    @classmethod
+    def at(cls, run_dir: str | os.PathLike) -> RunLayout:
+        """The run whose folder is ``run_dir``."""
+        storage, _, name = os.fspath(run_dir).rstrip("/").rpartition("/")
+        return cls(storage, name)
+
+    @property
+    def dir(self) -> str:
+        """Ray Train's run folder (``RunConfig(name=name, storage_path=storage)``)."""
+        return join(self.storage, self.name)
+
+    @property
+    def trainer_dir(self) -> str:
+        """Where the trainer of this run writes its own files (on local storage)."""
+        return join(self.dir, "trainer")
+
+    def trainer_files(self) -> TrainerFiles | None:
+        """The trainer's files, or None on remote storage (the trainer keeps them in a
+        temporary folder of its worker there)."""
+        path = local_path(self.trainer_dir)
+        return None if path is None else TrainerFiles(path)
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """One study named ``study`` under ``storage``."""
+
+    storage: str
+    study: str
+
+    @property
+    def dir(self) -> str:
+        return join(self.storage, self.study)
+
+    @property
+    def trials_file(self) -> str:
+        return join(self.dir, "trials.parquet")
+
+    @property
+    def history_dir(self) -> str:
+        return join(self.dir, "history")
+
+    def history_part(self, trial_id: str, seq: int) -> str:
+        return join(self.history_dir, f"part-{trial_id}-{seq:06d}.parquet")
+
+    # Part names as a regex (results.py lists the finished parts with it).
+    HISTORY_PART = r"part-(?P<trial>.+)-(?P<seq>\d+)\.parquet"
+
+    # Ray Tune's experiment: RunConfig(name=TUNE_NAME, storage_path=study.dir).
+    TUNE_NAME = "tune"
+
+    @property
+    def tune_dir(self) -> str:
+        return join(self.dir, self.TUNE_NAME)
+
+    @property
+    def train_dir(self) -> str:
+        """The ``storage`` of the trials' Ray Train runs (one run per trial id)."""
+        return join(self.dir, "train")
+
+    def trial(self, trial_id: str) -> RunLayout:
+        """The Ray Train run of one trial."""
+        return RunLayout(self.train_dir, trial_id)
+
+    def relative(self, path: str) -> str:
+        """``path`` below this study's folder, e.g. for messages: ``train/<t>/trainer``."""
+        return path.removeprefix(self.dir + "/")
