@@ -117,7 +117,7 @@ def measure(trainers, n_blocks: int, draws: int, repeats: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# NLL-bound evaluation: stderr, old (`elbo_nll`) vs new (`bound.per_block_bound`)",
+    lines = ["# NLL-bound evaluation: stderr, old (`elbo_nll`) vs new (`bound.per_block_bound`)",
              "", f"Tiny preset, {result['steps']} training steps per model, same data split; "
              f"eval noise = std over {result['repeats']} evaluation seeds. Nats/token.", ""]
     for budget in result["budgets"]:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1000, help="training steps per model "
                    "(default 1000, the default study's)")
-    p.add_argument("--budgets", default="32x2,64x4,128x8", help="blocks x draws, comma separated "
+    p.add_argument("--budgets", default="32x2,64x4,128x8,256x8", help="blocks x draws, comma separated "
                    "(32x2 is the tiny preset's eval budget, 64x4 its test budget)")
     p.add_argument("--repeats", type=int, default=5, help="evaluation seeds per budget")
     p.add_argument("--out", default=str(Path(__file__).with_name("BOUND_STDERR")))

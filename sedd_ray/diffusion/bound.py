@@ -257,7 +257,8 @@ def score_model_log_score_fn(model: Any) -> LogScoreFn:
 
     The backbone runs at ``sigma_bar_net``; the post-processing (scale by sigma, the RADD
     denoiser's ``1 / E``) uses ``sigma_bar_path``. Equals ``model(x_t, sigma_bar)`` when
-    the two are equal, and :func:`sampler_log_score_fn` of the model otherwise.
+    the two are equal, and :func:`sampler_log_score_fn` of the model otherwise. Put the
+    model in eval mode first (dropout); the trainer's EMA copy already is.
     """
     net = _unwrap(model)
 
