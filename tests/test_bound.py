@@ -20,6 +20,7 @@ from sedd_ray.diffusion.bound import (
     plain_log_score_fn,
     sampler_log_score_fn,
     score_model_log_score_fn,
+    split_bound,
     spread_block_indices,
     weighted_score_entropy,
 )
@@ -237,6 +238,21 @@ def test_same_estimate_for_any_split_over_ranks_and_batches(graph_name, noise_na
     assert again[0] == whole[3]
     other_seed = per_block_bound(fn, graph, noise, blocks, ids, draws=4, seed=8, batch_size=12)
     assert (other_seed - whole).abs().max() > 1e-3
+
+
+def test_split_bound_shares_over_ranks_give_the_whole():
+    graph, noise = get_graph("absorb", vocab_size=6), get_noise("geometric")
+    fn = score_model_log_score_fn(random_model(graph))
+    split = torch.randint(0, 6, (40, 8), generator=torch.Generator().manual_seed(6))
+    ids1, whole = split_bound(fn, graph, noise, split, count=9, draws=2, seed=3, batch_size=8)
+    assert ids1.tolist() == spread_block_indices(40, 9).tolist()
+    shares = [split_bound(fn, graph, noise, split, count=9, rank=r, world=4, draws=2, seed=3,
+                          batch_size=8) for r in range(4)]
+    ids = torch.cat([i for i, _ in shares])
+    vals = torch.cat([v for _, v in shares])[ids.argsort()]
+    assert torch.equal(ids.sort().values, ids1) and torch.equal(vals, whole)
+    with pytest.raises(ValueError, match="rank"):
+        split_bound(fn, graph, noise, split, rank=4, world=4)
 
 
 def test_common_random_numbers_make_paired_differences_precise():

@@ -325,6 +325,23 @@ def spread_block_indices(n_blocks: int, count: int | None = None) -> torch.Tenso
     return torch.div((2 * torch.arange(k) + 1) * n_blocks, 2 * k, rounding_mode="floor")
 
 
+def split_bound(log_score_fn: LogScoreFn, graph: Graph, noise: Noise, split: torch.Tensor, *,
+                count: int | None = None, rank: int = 0, world: int = 1,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the evaluation of a split: ``split`` (n, L) -> ``(ids, bound)``.
+
+    The blocks are :func:`spread_block_indices` ``(n, count)``; rank ``r`` of ``world``
+    takes every ``world``-th of them from the ``r``-th on. Returns their global indices
+    (k_r,) long and their bounds (k_r,) float64 (nats per token; ``kwargs`` go to
+    :func:`per_block_bound`). Gather ``(ids, bound)`` from all ranks and sort by ``ids``:
+    the result is the same for any ``world``.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    ids = spread_block_indices(split.shape[0], count)[rank::world]
+    return ids, per_block_bound(log_score_fn, graph, noise, split[ids], ids, **kwargs)
+
+
 def mean_stderr(values: torch.Tensor) -> tuple[float, float]:
     """Mean of per-block estimates (n,) and its standard error (sample std / sqrt(n))."""
     v = torch.as_tensor(values, dtype=_F64).reshape(-1)
