@@ -198,6 +198,8 @@ def _config_leaves(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for f in dataclasses.fields(cls):
         tp = _unwrap_optional(hints[f.name])
+        if typing.get_origin(tp) is dict:  # a component's parameters: see _COMPONENT_LEAVES
+            continue
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             out.extend(_config_leaves(tp, prefix + f.name + "."))
         else:
@@ -225,9 +227,22 @@ def _kind_of(arrow_type: pa.DataType) -> str:
     return "str"
 
 
+# The built-in graphs' and noises' parameters (``RunConfig.flat()`` spells them
+# ``diffusion.noise_params.<name>``) as fixed, typed columns, so the columns the studies
+# compare stay stable; a component registered from outside lands its parameters in typed
+# extra columns instead (results never imports the math, so it cannot ask the registry).
+_COMPONENT_LEAVES = (
+    ("diffusion.noise_params.sigma_min", float),  # geometric
+    ("diffusion.noise_params.sigma_max", float),  # geometric
+    ("diffusion.noise_params.eps", float),  # loglinear
+)
+
+
 @functools.cache
 def _layout(config_cls: type) -> _TrialsLayout:
     leaves = _config_leaves(config_cls)
+    if any(k.startswith("diffusion.") for k, _ in leaves):
+        leaves += [leaf for leaf in _COMPONENT_LEAVES if leaf[0] not in dict(leaves)]
     leaf_count: dict[str, int] = {}
     for key, _ in leaves:
         leaf_count[key.rsplit(".", 1)[-1]] = leaf_count.get(key.rsplit(".", 1)[-1], 0) + 1
@@ -811,21 +826,19 @@ def trial_row_from_config(config: Any, *, config_cls: type = RunConfig) -> dict[
     ``config_cls.from_dict``: unknown keys are errors and missing keys take the dataclass
     defaults (pass the full config of the run, not only the searched keys).
     """
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        nested = dataclasses.asdict(config)
-    elif isinstance(config, Mapping):
+    if isinstance(config, Mapping):
         nested = _unflatten(config) if any("." in k for k in config) else dict(config)
-        nested = dataclasses.asdict(config_cls.from_dict(nested))
-    else:
+        config = config_cls.from_dict(nested)
+    elif not (dataclasses.is_dataclass(config) and not isinstance(config, type)):
         raise ResultsError(
             f"config must be a {config_cls.__name__} or a dict, got {type(config).__name__}"
         )
     layout = _layout(config_cls)
-    flat = _flatten(nested)
+    # flat(): the components' parameters resolved, defaults included
+    flat = config.flat() if hasattr(config, "flat") else _flatten(dataclasses.asdict(config))
     out: dict[str, Any] = {}
     for key, col in layout.config_columns.items():
-        value = flat[key] if key in flat else _lookup(nested, key)
-        out[col] = _coerce(col, layout.kinds[col], value)
+        out[col] = _coerce(col, layout.kinds[col], flat.get(key))
     out.update(_unknown_config(flat, layout))
     return out
 
@@ -839,13 +852,6 @@ def _flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + k] = v
     return out
-
-
-def _lookup(nested: Mapping[str, Any], key: str) -> Any:
-    node: Any = nested
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def _unknown_config(flat: Mapping[str, Any], layout: _TrialsLayout) -> dict[str, Any]:

@@ -143,16 +143,17 @@ class StudySpec:
                 raise ConfigError(f"study {self.name!r}, point {point}: {e}") from None
         # Fail before any compute: every level x every choice must build a valid config.
         for level in self.levels or [None]:
-            params = dict(self.fixed)
-            if self.ablate:
-                params[self.ablate] = level
-            for name, p in self.space.items():
-                params[name] = p.choices[0] if p.kind == "choice" else p.low
             try:
-                self.trial_config(params)
+                self.trial_config(self.first_params(level))
             except ConfigError as e:
                 raise ConfigError(f"study {self.name!r}: {e}") from None
         return self
+
+    def first_params(self, level: Any = None) -> dict[str, Any]:
+        """The fixed params, ``level`` of the ablated axis and every searched param's first
+        value whose condition holds (a conditional param of another level stays out)."""
+        constants = {**self.fixed, **({self.ablate: level} if self.ablate else {})}
+        return DefineByRun(self.space, constants).resolve(_FirstValues())
 
     @property
     def total_trials(self) -> int:
@@ -179,6 +180,11 @@ class DefineByRun:
         self.space, self.constants = dict(space), dict(constants)
 
     def __call__(self, trial: Any) -> dict[str, Any]:
+        self.resolve(trial)
+        return dict(self.constants)
+
+    def resolve(self, trial: Any) -> dict[str, Any]:
+        """The constants plus every param whose condition holds, suggested by ``trial``."""
         values: dict[str, Any] = dict(self.constants)
         skipped: set[str] = set()  # conditional params whose condition did not hold
         pending = dict(self.space)
@@ -195,7 +201,21 @@ class DefineByRun:
                     progressed = True
             if not progressed:
                 raise ConfigError(f"conditions of {sorted(pending)} refer to unknown parameters")
-        return dict(self.constants)
+        return values
+
+
+class _FirstValues:
+    """A stand-in Optuna trial that suggests every param's first value (its low end, or
+    its first choice): the configs a study checks before any compute."""
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        return low
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        return low
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return choices[0]
 
 
 def make_searcher(spec: StudySpec):
@@ -338,12 +358,7 @@ def _precheck_data(spec: StudySpec) -> None:
 
     seen = []
     for level in spec.levels or [None]:
-        params = {**spec.fixed, "seed": spec.seeds[0]}
-        if spec.ablate:
-            params[spec.ablate] = level
-        for name, p in spec.space.items():
-            params[name] = p.choices[0] if p.kind == "choice" else p.low
-        cfg = spec.trial_config(params)
+        cfg = spec.trial_config({**spec.first_params(level), "seed": spec.seeds[0]})
         if (cfg.data, cfg.train.seed) not in seen:
             seen.append((cfg.data, cfg.train.seed))
             load_data(cfg.data, seed=cfg.train.seed)

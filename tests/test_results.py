@@ -19,7 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from sedd_ray import results as R
-from sedd_ray.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, preset
+from sedd_ray.config import (
+    DataConfig,
+    DiffusionConfig,
+    RunConfig,
+    TrainConfig,
+    apply_params,
+    preset,
+)
 from sedd_ray.layout import StudyLayout
 
 STUDY = "s1"
@@ -68,8 +75,11 @@ def test_config_columns_cover_the_required_names():
     cols = R.config_columns()
     assert set(required) <= set(cols.values())
     assert cols["model.name"] == "model" and cols["optim.lr"] == "lr"
-    # every config field is a column, typed from its annotation
-    assert set(cols) == set(RunConfig().flat())
+    # every config field is a column, typed from its annotation, and so is every built-in
+    # noise's parameter (geometric's and loglinear's)
+    geometric = apply_params(RunConfig(), {"noise": "geometric"})
+    assert set(cols) == set(RunConfig().flat()) | set(geometric.flat())
+    assert cols["diffusion.noise_params.sigma_min"] == "sigma_min"
     s = R.TRIALS_SCHEMA
     assert s.field("lr").type == pa.float64()
     assert s.field("steps").type == pa.int64()

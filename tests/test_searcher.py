@@ -101,7 +101,7 @@ def test_every_level_gets_the_same_budget_in_turn_and_the_same_seeds():
     spec = graph_ablation(trials_per_level=3, seeds=[0, 1]).validate()
     trials = _drain(_ready(make_searcher(spec)))
     assert len(trials) == spec.total_trials == 6
-    assert [p["level"] for p in trials.values()] == ["uniform", "absorb"] * 3  # round-robin
+    assert [p["level"] for p in trials.values()] == ["absorb", "uniform"] * 3  # round-robin
     assert all(p["graph"] == p["level"] for p in trials.values())  # the level is the config
     seeds = {lv: [p["seed"] for p in trials.values() if p["level"] == lv]
              for lv in ("uniform", "absorb")}
@@ -293,7 +293,7 @@ def test_save_and_restore_continue_exactly_where_the_study_stopped(tmp_path):
     # The rest of the budget: the same levels, seeds and params as without the interruption.
     rest_first, rest_resumed = _drain(first, "r"), _drain(resumed, "r")
     assert rest_resumed == rest_first
-    assert [p["level"] for p in rest_resumed.values()] == ["absorb", "uniform", "absorb"]
+    assert [p["level"] for p in rest_resumed.values()] == ["uniform", "absorb", "uniform"]
     assert [p["seed"] for p in rest_resumed.values()] == [1, 0, 0]
     levels = [p["level"] for p in [*before.values(), *rest_resumed.values()]]
     assert levels.count("uniform") == levels.count("absorb") == 3
