@@ -282,7 +282,7 @@ def test_score_model_adapter(graph_name, scale, tc):
     the path's clock (sampler_log_score_fn of the model)."""
     graph = get_graph(graph_name, vocab_size=6)
     model = random_model(graph, time_conditioning=tc)
-    model.scale_by_sigma = scale and model.scale_by_sigma
+    model.cfg.scale_by_sigma = scale
     fn = score_model_log_score_fn(model)
     x = torch.randint(0, graph.dim, (5, 8), generator=torch.Generator().manual_seed(5))
     net = torch.tensor([1e-4, 0.1, 1.0, 3.0, 6.9], dtype=F64)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from sedd_ray import preflight
+from sedd_ray.layout import RunLayout
 from sedd_ray.preflight import STUDY_FLAGS, Ask, Capacity, ResourceError, explain
 
 # --- packing and wording, no Ray ----------------------------------------------------------
@@ -284,7 +285,7 @@ def test_autoscaling_cluster_waits_for_what_fits_after_scaling_and_refuses_what_
     assert waits == ["waiting for the autoscaler: 1 worker x 1 CPU pending (the cluster has "
                      "0 CPUs now); giving up after 180 s (--resource-timeout)"], grows["out"]
     assert grows["nodes"] >= 2  # the head and at least one autoscaled node
-    assert '"step": 2' in grows["out"] and (storage / "grows" / "trainer").is_dir()
+    assert '"step": 2' in grows["out"] and Path(RunLayout(str(storage), "grows").trainer_dir).is_dir()
     if not os.environ.get("SEDD_CLUSTER_TEST_KEEP"):
         import shutil
 

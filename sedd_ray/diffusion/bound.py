@@ -277,15 +277,15 @@ def _post_process(net: Any, raw: torch.Tensor, x_t: torch.Tensor,
                   sigma_bar_net: torch.Tensor, sigma_bar_path: torch.Tensor) -> torch.Tensor:
     """ScoreModel's post-processing with the path's noise level. (B, L, dim) float32.
 
-    Re-point to graph.<method> after the graph-contract refactor lands (the model's
-    post-processing moves to the graph there).
+    A scale-by-sigma network's output is a score only through the graph's shift, so the
+    shift takes the path's noise level (``graph.output_log_score`` at ``sigma_bar_path``).
+    Any other absorbing network's log-score is the sampler's at ``sigma_bar_net``; the
+    conditioned path's differs from it at a mask by ``log E_net - log E_path``.
     """
-    if net.scale_by_sigma:  # raw - log E_path - log N
-        shift = _log_expm1(sigma_bar_path) + math.log(net.dim - 1)
-    elif net.absorb:  # the sampler's log-score is raw at sigma_bar_net: move it to the path
-        shift = _log_expm1(sigma_bar_path) - _log_expm1(sigma_bar_net)
-    else:
-        shift = torch.zeros_like(sigma_bar_path)
+    absorb = net.graph.mask_id is not None
+    if net.cfg.scale_by_sigma or not absorb:
+        return net.log_score_from_raw(raw, x_t, sigma_bar_path.float())
+    shift = _log_expm1(sigma_bar_path) - _log_expm1(sigma_bar_net)
     log_score = raw - shift.to(raw.dtype)[:, None, None]
     return log_score.scatter_(-1, x_t[..., None], 0.0)
 
