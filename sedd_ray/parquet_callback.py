@@ -122,7 +122,7 @@ class ParquetCallback(Callback):
         params = {k: v for k, v in trial.config.items() if k != "level"}
         row = self._resumed(trial.trial_id)
         try:
-            row.update(trial_row_from_config(spec.trial_config(params).to_dict()))
+            row.update(trial_row_from_config(spec.trial_config(params)))
         except ConfigError as e:
             row.update({k: v for k, v in params.items() if isinstance(v, (int, float, str))})
             error = error or str(e)

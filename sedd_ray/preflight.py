@@ -102,7 +102,7 @@ def check(ask: Ask, *, timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
         if problem:
             raise ResourceError(problem)
     first = replace(ask, trials=1)
-    if cap.autoscaling and explain(first, cap.now, cap.where):
+    if cap.autoscaling and _unplaced(first, cap.now):
         _wait_for_autoscaler(first, timeout_s)
 
 
@@ -160,8 +160,8 @@ def _unplaced(ask: Ask, nodes: list[dict[str, float]]) -> int:
     free = [dict(n) for n in nodes]
     taken: set[int] = set()
     spread = ask.strategy == "STRICT_SPREAD" and ask.trials == 1
-    workers = ask.bundles()[: ask.workers * ask.trials]
-    drivers = ask.bundles()[ask.workers * ask.trials:]
+    bundles, n_workers = ask.bundles(), ask.workers * ask.trials
+    workers, drivers = bundles[:n_workers], bundles[n_workers:]
     left = 0
     for bundle, is_worker in [(b, True) for b in workers] + [(b, False) for b in drivers]:
         for i, node in enumerate(free):
@@ -223,11 +223,11 @@ def cluster_capacity() -> Capacity:
     """The connected cluster: its alive nodes, and its largest size when it autoscales."""
     import ray
 
-    now = alive_nodes()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    now = [dict(n["Resources"]) for n in alive]
     types = autoscaler_node_types()
     if types is None:
-        alone = len(now) == 1 and all(n["NodeID"] == ray.get_runtime_context().get_node_id()
-                                      for n in ray.nodes() if n.get("Alive"))
+        alone = len(alive) == 1 and alive[0]["NodeID"] == ray.get_runtime_context().get_node_id()
         return Capacity(now, now, False, "local" if alone else f"{len(now)} nodes, fixed size")
     if not types:  # an autoscaler whose node types we cannot read: only the wait decides
         return Capacity(now, None, True, "autoscaling")

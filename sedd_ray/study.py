@@ -22,7 +22,6 @@ trials resumed; a Train run resumes from its own latest checkpoint).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -152,8 +151,11 @@ class StudySpec:
     def first_params(self, level: Any = None) -> dict[str, Any]:
         """The fixed params, ``level`` of the ablated axis and every searched param's first
         value whose condition holds (a conditional param of another level stays out)."""
-        constants = {**self.fixed, **({self.ablate: level} if self.ablate else {})}
-        return DefineByRun(self.space, constants).resolve(_FirstValues())
+        return DefineByRun(self.space, self.constants(level)).resolve(_FirstValues())
+
+    def constants(self, level: Any = None) -> dict[str, Any]:
+        """What every trial of ``level`` shares: the fixed params and the level itself."""
+        return {**self.fixed, **({self.ablate: level} if self.ablate else {})}
 
     @property
     def total_trials(self) -> int:
@@ -225,19 +227,12 @@ def make_searcher(spec: StudySpec):
     from sedd_ray.searcher import LevelSearcher, optuna_search
 
     levels = list(spec.levels) if spec.ablate else [None]
-    subs = [optuna_search(spec.space, {**spec.fixed, **({spec.ablate: lv} if spec.ablate else {})},
+    subs = [optuna_search(spec.space, spec.constants(lv),
                           metric=spec.metric, mode=spec.mode, seed=spec.searcher_seed,
                           points=() if spec.ablate else spec.points)
             for lv in levels]
     return LevelSearcher(subs, levels, seeds=spec.seeds, metric=spec.metric, mode=spec.mode,
                          per_level=spec.trials_per_level if spec.ablate else spec.num_trials)
-
-
-def _finite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
 
 
 # --- the per-trial driver ------------------------------------------------------------------

@@ -24,7 +24,6 @@ from sedd_ray.diffusion.bound import (
     spread_block_indices,
     weighted_score_entropy,
 )
-from sedd_ray.diffusion.loss import MaskConditioned
 from sedd_ray.model import ScoreModel
 
 F64 = torch.float64
@@ -177,7 +176,7 @@ def brute_force(fn, graph, noise, blocks, draws, seed) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     b, length = blocks.shape
     x0 = blocks.repeat_interleave(draws, dim=0)
-    path = MaskConditioned(noise) if graph.absorb else noise
+    path = graph.path_noise(noise)
     t = torch.rand(b * draws, generator=g, dtype=F64)
     s_net, s_path, w = noise.total_noise(t), path.total_noise(t), path.rate_noise(t)
     start = float(path.total_noise(torch.zeros((), dtype=F64)))

@@ -14,7 +14,7 @@ through ``sigma_bar(0)`` and ``S``; the lower end is always 0 here, so the stret
 - **Uniform graph**: the path is the base process; ``prior_l = KL(p_S(.|x_0,l) || uniform)``.
 - **Absorbing graph**: the reverse chain starts from all-mask, which the base process
   reaches only with probability ``M = 1 - e^{-S}`` per position. The path is the process
-  conditioned on it (:class:`~sedd_ray.diffusion.loss.MaskConditioned`): its mask
+  conditioned on it (:class:`~sedd_ray.diffusion.noise.MaskConditioned`): its mask
   probability is ``m_A = m / M`` and its total noise ``sigma_bar_A = -log(1 - m_A)`` runs
   from 0 to infinity; ``prior_l = -log M`` (as :func:`~sedd_ray.diffusion.elbo_nll`
   does). The *sampled* chain unmasks at rate ``sigma(t) s_theta(x, sigma_bar(t))``; the
@@ -71,7 +71,7 @@ from typing import Any
 
 import torch
 
-from sedd_ray.diffusion.graphs import Graph
+from sedd_ray.diffusion.graphs import Graph, log_expm1
 from sedd_ray.diffusion.noise import Noise
 
 # log_score_fn(x_t (B, L) long, sigma_bar_net (B,), sigma_bar_path (B,)) -> (B, L, dim)
@@ -216,6 +216,8 @@ def _chunk(log_score_fn: LogScoreFn, graph: Graph, rows: int, *tensors: torch.Te
     (repeating the first) so that every network call has the same shape, whichever
     blocks a rank holds: a row's value then does not depend on its neighbours."""
     n = tensors[0].shape[0]
+    if n == rows:  # a full chunk: nothing to pad
+        return weighted_score_entropy(log_score_fn, graph, *tensors)
     pad = [torch.cat([t, t[:1].expand(rows - n, *t.shape[1:])]) for t in tensors]
     return weighted_score_entropy(log_score_fn, graph, *pad)[:n]
 
@@ -245,7 +247,7 @@ def sampler_log_score_fn(model: LogScoreModel, graph: Graph) -> LogScoreFn:
         log_score = model(x_t, sigma_bar_net)
         log_score = log_score.to(torch.promote_types(log_score.dtype, torch.float32))
         if graph.absorb:
-            shift = _log_expm1(sigma_bar_net) - _log_expm1(sigma_bar_path)
+            shift = log_expm1(sigma_bar_net, _F64) - log_expm1(sigma_bar_path, _F64)
             log_score = log_score + shift.to(log_score.dtype)[:, None, None]
         return log_score.scatter_(-1, x_t[..., None], 0.0)
 
@@ -282,19 +284,11 @@ def _post_process(net: Any, raw: torch.Tensor, x_t: torch.Tensor,
     Any other absorbing network's log-score is the sampler's at ``sigma_bar_net``; the
     conditioned path's differs from it at a mask by ``log E_net - log E_path``.
     """
-    absorb = net.graph.mask_id is not None
-    if net.cfg.scale_by_sigma or not absorb:
+    if net.cfg.scale_by_sigma or not net.graph.absorb:
         return net.log_score_from_raw(raw, x_t, sigma_bar_path.float())
-    shift = _log_expm1(sigma_bar_path) - _log_expm1(sigma_bar_net)
+    shift = log_expm1(sigma_bar_path, _F64) - log_expm1(sigma_bar_net, _F64)
     log_score = raw - shift.to(raw.dtype)[:, None, None]
     return log_score.scatter_(-1, x_t[..., None], 0.0)
-
-
-def _log_expm1(x: torch.Tensor) -> torch.Tensor:
-    """log(e^x - 1) of a (B,) tensor in float64, finite for any x > 0."""
-    x = x.to(_F64)
-    return torch.where(x < 1.0, torch.log(torch.expm1(x.clamp(max=1.0))),
-                       x + torch.log1p(-torch.exp(-x.clamp(min=1.0))))
 
 
 def _unwrap(model: Any) -> Any:

@@ -36,12 +36,13 @@ def get_graph(name: str, vocab_size: int, **params: float | int | bool | str) ->
     return cls(vocab_size, **params)
 
 
-def log_expm1(x: torch.Tensor) -> torch.Tensor:
-    """log(e^x - 1) in float32; finite for x from ~1e-38 up to float32's max.
+def log_expm1(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """log(e^x - 1) in ``dtype`` (float32 by default); finite for any x > 0 that ``dtype``
+    holds (from ~1e-38 up to float32's max in float32).
 
     expm1 keeps small x exact; for x >= 1 the form x + log1p(-e^{-x}) never overflows.
     """
-    x = x.float()
+    x = x.to(dtype)
     small = torch.log(torch.expm1(x.clamp(max=1.0)))
     large = x + torch.log1p(-torch.exp(-x.clamp(min=1.0)))
     return torch.where(x < 1.0, small, large)
