@@ -288,6 +288,9 @@ def test_node_removed_mid_trial_is_retried_elsewhere_and_the_study_completes(clu
     log = jsonl(StudyLayout(str(storage), "node-loss").trial(removed["trial"])
                 .trainer_files().metrics)
     steps = [m["step"] for m in log]
+    # Resumed from the committed checkpoint, never from 0: the rows up to it appear once.
+    # (A row may or may not repeat after it: the node can go between a commit and the next log.)
+    assert all(steps.count(s) == 1 for s in steps if s <= removed["committed"]), steps
     restarts = [b for a, b in zip(steps, steps[1:]) if b <= a]
-    assert len(restarts) == 1 and restarts[0] > removed["committed"], steps  # not from 0
+    assert len(restarts) <= 1 and all(b > removed["committed"] for b in restarts), steps
     assert steps[-1] == 300
