@@ -78,7 +78,7 @@ def train_all(steps: int, out: Path) -> dict[tuple[str, str], Trainer]:
     base = {"steps": steps, "eval_every": steps, "ckpt_every": steps, "test_draws": 0,
             "progress": False, "sample_every": 0}
     cfg0 = apply_params(preset("tiny"), base)
-    bundle = load_data(cfg0.data, seed=cfg0.train.seed)
+    bundle = load_data(cfg0.data)
     trainers = {}
     for graph, noise in PAIRS:
         cfg = apply_params(cfg0, {"graph": graph, "noise": noise})

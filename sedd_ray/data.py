@@ -70,6 +70,7 @@ __all__ = [
     "Source",
     "MASK_TEXT",
     "cache_root",
+    "data_identity",
     "decode",
     "get_tokenizer",
     "load_data",
@@ -449,7 +450,7 @@ def _train_bpe(texts: Sequence[str], vocab_size: int, progress: bool) -> Tokeniz
 
 
 def get_tokenizer(
-    cfg: DataConfig | str, seed: int = 0, progress: bool = False
+    cfg: DataConfig | str, seed: int | None = None, progress: bool = False
 ) -> PreTrainedTokenizerFast:
     """The tokenizer of a data config: ``"gpt2"`` (or a config with ``tokenizer="gpt2"``),
     or the cached byte-level BPE of ``cfg`` (trained on its train split if not cached)."""
@@ -614,16 +615,27 @@ def _too_short(spec: str, split: str, n: int, seq_len: int, at_most: bool = Fals
     )
 
 
-def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBundle:
+def load_data(cfg: DataConfig, seed: int | None = None, progress: bool = False) -> DataBundle:
     """Load (from the cache) or build the packed train/val/test blocks of ``cfg``.
 
-    ``seed`` picks the document/range split (not a training order): keep it fixed across
-    the runs of a study so that their validation numbers compare. WikiText ignores it and
-    the fractions (it has its own splits). The first build of Shakespeare with a 1-2k BPE
-    takes seconds; a cache hit reads three ``.npy`` files and one tokenizer JSON.
+    ``cfg.split_seed`` picks the document/range split and so the BPE tokenizer trained on
+    the train split (never a training order): a data setting, so every run of a study,
+    whatever its training seed, gets the same blocks and tokenizer. ``seed`` (deprecated)
+    overrides it. WikiText ignores it and the fractions (it has its own splits). The first
+    build of Shakespeare with a 1-2k BPE takes seconds; a cache hit reads three ``.npy``
+    files and one tokenizer JSON. ``meta["data_identity"]``: see :func:`data_identity`.
     """
     cfg.validate()
+    seed = cfg.split_seed if seed is None else int(seed)
     source = resolve_corpus(cfg.corpus)
+    bundle = _load(cfg, source, seed, progress)
+    bundle.meta["split_seed"] = seed
+    bundle.meta["data_identity"] = data_identity(cfg, source, seed, bundle.backend)
+    return bundle
+
+
+def _load(cfg: DataConfig, source: Source, seed: int, progress: bool) -> DataBundle:
+    """:func:`load_data` of a resolved ``source`` with split seed ``seed``."""
     if source.synthetic is not None:
         return _load_synthetic(cfg, source, seed)
     tok_spec = _tokenizer_spec(cfg, source, seed)
@@ -653,6 +665,22 @@ def load_data(cfg: DataConfig, seed: int = 0, progress: bool = False) -> DataBun
         {s: torch.from_numpy(packed.blocks[s].astype(np.int64)) for s in SPLITS},
         tok.backend, {**meta, "cache_hit": False, "cache_path": str(final)},
     )
+
+
+def data_identity(cfg: DataConfig, source: Source, seed: int, backend: Tokenizer) -> str:
+    """A short hash (12 hex digits) of what a bound in nats/token is measured on: the
+    corpus's identity, the split settings (method, fractions, ``seed``) and the tokenizer
+    (kind and the SHA-256 of its JSON). Two runs with equal identities have the same
+    validation and test text and encode it to the same ids; ``seq_len`` (how the text is
+    cut into blocks) and ``max_train_tokens`` (the training text only) are not part of it.
+    """
+    if source.synthetic is not None:  # the source brings its vocabulary: no tokenizer keys
+        spec: dict[str, Any] = {"v": CODE_VERSION, "corpus": source.identity, "split": {
+            "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": seed}}
+    else:
+        spec = _tokenizer_spec(cfg, source, seed)
+    tok_sha = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    return _hash({"data": spec, "tokenizer_sha256": tok_sha})[:12]
 
 
 def _tokenizer_spec(cfg: DataConfig, source: Source, seed: int) -> dict[str, Any]:

@@ -192,7 +192,7 @@ def _check_storage_and_data(cfg: RunConfig, storage: str) -> str:
     storage = normalize(storage)
     if is_local(storage):
         precheck_writable_dir(storage, "--storage")
-    load_data(cfg.data, seed=cfg.train.seed)
+    load_data(cfg.data)  # the split is data.split_seed's, never the training seed's
     return storage
 
 

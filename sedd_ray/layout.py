@@ -15,7 +15,7 @@ A Ray Train run (``RunLayout(storage, name)``; a study's trial is ``study.trial(
 A trainer's output folder (``TrainerFiles(output_dir)``: ``python -m sedd_ray.train
 --no-ray --output DIR``, or a run's ``trainer/``)::
 
-    metrics.jsonl  samples.jsonl  final.json  checkpoints/
+    metrics.jsonl  samples.jsonl  final.json  final_blocks.parquet  checkpoints/
 
 ``storage`` is a local path or a URI (see :mod:`sedd_ray.io`); paths are strings joined
 with ``/`` so a URI stays one. Pure Python: the analysis scripts import it too.
@@ -54,6 +54,11 @@ class TrainerFiles:
     def final(self) -> Path:
         """:class:`sedd_ray.trainer.TrainResult` as JSON, written when the run ends."""
         return self.root / "final.json"
+
+    @property
+    def final_blocks(self) -> Path:
+        """The final evaluation's per-block values (``sedd_ray.results.write_blocks``)."""
+        return self.root / "final_blocks.parquet"
 
     @property
     def checkpoints(self) -> Path:

@@ -7,8 +7,10 @@ list to edit: every numeric key of a Tune result (Tune's own bookkeeping keys as
 trial's row. Keys that are columns of the fixed schemas land in them; any other lands in
 the row's ``extra`` and reaches :func:`sedd_ray.results.read_trials` /
 :func:`~sedd_ray.results.read_history` as a typed column of its own. A few trial
-columns are derived rather than copied (:data:`DERIVED`): the best and the final
-``val_nll``, the perplexity bound, the bound gap and the driver's wall time.
+columns are derived rather than copied (:data:`DERIVED`): the best and the last periodic
+``val_nll``, the perplexity bound, the bound gap and the driver's wall time. ``val_nll`` is
+the final evaluation (``val_nll_final``, the trainer's final row) once the trial has one,
+else the best periodic evaluation; ``data_identity`` (a string) is copied too.
 
 Resume: a restored study (the driver restarted) starts this callback afresh; the first
 time it sees a trial it takes the trial's start time and best ``val_nll`` back from the
@@ -69,14 +71,19 @@ def merge_metrics(row: dict[str, Any], result: Mapping[str, Any], started: float
     if "tokens" in metrics:
         row["tokens_seen"] = metrics["tokens"]
     nll = metrics.get("val_nll")
+    final = metrics.get("val_nll_final")  # the trainer's final row: its val_nll is this
+    if isinstance(result.get("data_identity"), str):
+        row["data_identity"] = result["data_identity"]
     if nll is not None and math.isfinite(nll):
-        row["final_val_nll"] = nll
         row["val_nll_stderr"] = metrics.get("val_nll_stderr")
         best = row.get("best_val_nll")
-        if best is None or nll < best:
-            row["best_val_nll"] = nll
-            row["best_val_nll_stderr"] = metrics.get("val_nll_stderr")
-        row["val_nll"] = row["best_val_nll"]
+        periodic = nll if final is None else metrics.get("val_nll_best")
+        if final is None:
+            row["final_val_nll"] = nll  # the last periodic evaluation
+        if periodic is not None and (best is None or periodic < best):
+            row["best_val_nll"] = periodic
+            row["best_val_nll_stderr"] = metrics.get("val_nll_stderr") if final is None else None
+        row["val_nll"] = final if final is not None else row["best_val_nll"]
         row["val_ppl_bound"] = perplexity(row["val_nll"])
         if row.get("true_nll") is not None:
             row["bound_gap"] = row["val_nll"] - row["true_nll"]

@@ -84,17 +84,21 @@ __all__ = [
     "TRIALS_SCHEMA",
     "ResultsError",
     "ResultsWriter",
+    "BLOCKS_SCHEMA",
     "best_trial",
     "config_columns",
     "get_trial",
     "list_studies",
+    "read_blocks",
     "read_history",
     "read_trials",
     "resolve_study",
+    "same_data_identity",
     "scrub",
     "trial_row_from_config",
     "trials_schema",
     "with_extra_columns",
+    "write_blocks",
 ]
 
 
@@ -130,9 +134,17 @@ _TRIALS_TAIL: list[pa.Field] = [
     pa.field("device_hours", pa.float64()),
     pa.field("final_val_nll", pa.float64()),
     pa.field("best_val_nll", pa.float64()),
-    pa.field("val_nll", pa.float64()),  # = best_val_nll: the column experiments compare
+    # val_nll: = val_nll_final on a trial that ran to its end (the trainer's final row);
+    # = best_val_nll (the best periodic evaluation) while running or when stopped early
+    pa.field("val_nll", pa.float64()),
     pa.field("val_ppl_bound", pa.float64()),
     pa.field("val_nll_stderr", pa.float64()),
+    # the final evaluation of the final EMA weights on the study-common blocks and draws
+    # (train.final_eval_sequences x final_eval_draws, seeded by eval_seed): the trial's number
+    pa.field("val_nll_final", pa.float64()),
+    pa.field("val_nll_final_stderr", pa.float64()),
+    pa.field("val_nll_best", pa.float64()),  # the best periodic evaluation (curves, ASHA)
+    pa.field("data_identity", pa.string()),  # sedd_ray.data.data_identity: compare only equal
     pa.field("test_nll", pa.float64()),
     pa.field("test_ppl_bound", pa.float64()),
     pa.field("test_nll_stderr", pa.float64()),
@@ -167,7 +179,7 @@ HISTORY_SCHEMA = pa.schema(
 )
 
 # Config keys whose column name is chosen by hand.
-_CONFIG_ALIASES = {"model.name": "model"}
+_CONFIG_ALIASES = {"model.name": "model", "data.split_seed": "data_split_seed"}
 _RESERVED = {f.name for f in _TRIALS_HEAD + _TRIALS_TAIL} | set(_CONFIG_ALIASES.values())
 
 
@@ -692,7 +704,8 @@ class ResultsWriter:
         expanded by :func:`trial_row_from_config`. With ``merge=True`` (default) the keys
         given replace those of the stored row and the others keep their values (``extra``
         is merged key by key); with ``merge=False`` the row is replaced whole. When
-        ``best_val_nll`` is given without ``val_nll``, ``val_nll`` is set to it. Returns a
+        ``val_nll`` is not given, it is set to ``val_nll_final``, else to ``best_val_nll``
+        when one of them is given. Returns a
         copy of the stored row (``extra`` as a dict).
         """
         if "trial_id" not in row:
@@ -704,8 +717,11 @@ class ResultsWriter:
             )
         new = self._typed_trial(row, secrets=_env_secrets(), where=f"trial {trial_id}")
         new["trial_id"], new["study"] = trial_id, self.study
-        if "best_val_nll" in new and new.get("val_nll") is None:
-            new["val_nll"] = new["best_val_nll"]
+        if new.get("val_nll") is None:  # the final evaluation, else the best periodic one
+            for key in ("val_nll_final", "best_val_nll"):
+                if new.get(key) is not None:
+                    new["val_nll"] = new[key]
+                    break
         with self._lock:
             old = self._trials.get(trial_id)
             if merge and old is not None:
@@ -1016,3 +1032,69 @@ def best_trial(
             f"({seen}); let a study run to completion (sedd_ray.study) first"
         )
     return _row_dict(table, best_i)
+
+
+# --- per-block values of the final evaluation --------------------------------------------------
+
+# One small file per trial, next to the trainer's final.json (TrainerFiles.final_blocks).
+BLOCKS_SCHEMA = pa.schema(
+    [pa.field("block", pa.int64(), nullable=False),  # index into the validation split
+     pa.field("nll", pa.float64(), nullable=False)],  # nats/token, mean over the draws
+    metadata={"sedd_ray.table": "blocks", "sedd_ray.schema_version": "1"},
+)
+
+
+def write_blocks(path: str | os.PathLike, blocks: Iterable[int], nll: Iterable[float], *,
+                 meta: Mapping[str, Any] | None = None) -> None:
+    """Write one trial's per-block values (``blocks`` and ``nll`` of equal length) to
+    ``path`` (local or a URI), atomically: a reader sees the old file or the whole new
+    one. ``meta`` (JSON: data_identity, eval_seed, draws, ...) goes into the schema's
+    metadata as ``sedd_ray.meta``."""
+    ids = [int(b) for b in blocks]
+    values = [float(v) for v in nll]
+    if len(ids) != len(values):
+        raise ResultsError(f"write_blocks needs one nll per block, got {len(ids)} blocks "
+                           f"and {len(values)} values")
+    schema = BLOCKS_SCHEMA.with_metadata({**BLOCKS_SCHEMA.metadata,
+                                          b"sedd_ray.meta": json.dumps(_jsonable(meta or {}))})
+    table = pa.Table.from_pydict({"block": ids, "nll": values}, schema=schema)
+    fs, where, _ = filesystem(path)
+    _write_table(fs, where, table)
+
+
+def read_blocks(storage: str | os.PathLike, study: str) -> pd.DataFrame:
+    """Every trial's final-evaluation values: DataFrame ``[trial_id, block, nll]`` sorted
+    by trial then block. Trials of ``trials.parquet`` without the file (not finished, or
+    run on remote storage, where the trainer's folder is a worker's temporary one) are
+    absent. Pair two trials on ``block``: every trial of a study has the same blocks and
+    draws (``eval_seed``), whatever its training seed or number of ranks."""
+    layout = StudyLayout(storage, study)
+    frames = []
+    for trial_id in read_trials(storage, study)["trial_id"]:
+        files = layout.trial(trial_id).trainer_files()
+        if files is None or not files.final_blocks.is_file():
+            continue
+        df = _read_file(pafs.LocalFileSystem(), str(files.final_blocks)).to_pandas()
+        frames.append(df.assign(trial_id=trial_id)[["trial_id", "block", "nll"]])
+    if not frames:
+        return pd.DataFrame({"trial_id": pd.Series(dtype=str), "block": pd.Series(dtype="int64"),
+                             "nll": pd.Series(dtype="float64")})
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values(["trial_id", "block"], kind="stable").reset_index(drop=True)
+
+
+def same_data_identity(trials: pd.DataFrame) -> str:
+    """The one ``data_identity`` of ``trials`` (null values, e.g. of unfinished trials,
+    ignored; "" when none is known); raises :class:`ResultsError` (a ValueError) when they
+    differ: their nats/token were measured on different data and do not compare."""
+    if "data_identity" not in trials.columns:
+        return ""
+    values = trials["data_identity"].dropna()
+    counts = values.value_counts()
+    if len(counts) > 1:
+        seen = ", ".join(f"{k}: {n} trial{'s' * (n != 1)}" for k, n in counts.items())
+        raise ResultsError(
+            f"trials were measured on different data (data_identity {seen}): compare trials "
+            "of one data identity (the same corpus, data.split_seed, fractions and tokenizer)"
+        )
+    return str(counts.index[0]) if len(counts) else ""

@@ -354,9 +354,9 @@ def _precheck_data(spec: StudySpec) -> None:
     seen = []
     for level in spec.levels or [None]:
         cfg = spec.trial_config({**spec.first_params(level), "seed": spec.seeds[0]})
-        if (cfg.data, cfg.train.seed) not in seen:
-            seen.append((cfg.data, cfg.train.seed))
-            load_data(cfg.data, seed=cfg.train.seed)
+        if cfg.data not in seen:  # the split is data.split_seed's, never train.seed's
+            seen.append(cfg.data)
+            load_data(cfg.data)
 
 
 def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):

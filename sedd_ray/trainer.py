@@ -43,10 +43,15 @@ from sedd_ray import checkpoint as ckpt
 from sedd_ray.config import RunConfig, apply_params
 from sedd_ray.data import DataBundle, load_data
 from sedd_ray.diffusion import (
-    elbo_nll,
     model_score_fn,
     sample,
     score_entropy_loss,
+)
+from sedd_ray.diffusion.bound import (
+    mean_stderr,
+    score_model_log_score_fn,
+    split_bound,
+    spread_block_indices,
 )
 from sedd_ray.io import atomic_write
 from sedd_ray.layout import TrainerFiles
@@ -64,7 +69,11 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class TrainResult:
-    """What a finished run returns (and writes to ``output_dir/final.json``)."""
+    """What a finished run returns (and writes to ``output_dir/final.json``).
+
+    ``val_nll`` is the final evaluation (``val_nll_final``: the final EMA weights on the
+    study-common blocks and draws, :meth:`Trainer.evaluation`), not the best periodic one
+    (``val_nll_best`` = ``best_val_nll``, kept for curves and early stopping)."""
 
     step: int
     tokens_seen: int
@@ -72,6 +81,10 @@ class TrainResult:
     val_nll_stderr: float | None
     val_ppl_bound: float | None
     best_val_nll: float | None
+    val_nll_final: float | None = None  # the final evaluation (= val_nll)
+    val_nll_final_stderr: float | None = None
+    val_nll_best: float | None = None  # the best periodic evaluation (= best_val_nll)
+    data_identity: str | None = None  # sedd_ray.data.data_identity
     test_nll: float | None = None
     test_nll_stderr: float | None = None
     test_ppl_bound: float | None = None
@@ -259,35 +272,59 @@ def drill_nan_step(cfg: RunConfig) -> int:
 
 # --- evaluation ----------------------------------------------------------------------------
 
+@dataclass
+class Evaluation:
+    """Per-block bounds of one evaluation: ``ids`` (k,) long, ascending (indices into the
+    split), ``nll`` (k,) float64 nats/token; the same on every rank."""
+
+    ids: torch.Tensor
+    nll: torch.Tensor
+
+    @property
+    def mean_stderr(self) -> tuple[float, float]:
+        """The mean over blocks and its standard error (0 for a single block)."""
+        if self.nll.numel() < 2:
+            return float(self.nll.mean()), 0.0
+        return mean_stderr(self.nll)
+
+
 @torch.no_grad()
 def evaluate_bound(
-    model: nn.Module, graph, noise, blocks: torch.Tensor, draws: int, batch_size: int,
-    seed: int, device: torch.device, autocast: Any = None,
-) -> tuple[float, float, int]:
-    """ELBO estimate over ``blocks`` (n, L): mean nats/token, its standard error, and n.
+    model: nn.Module, graph, noise, split: torch.Tensor, *, count: int | None, draws: int,
+    seed: int, rows: int, device: torch.device, autocast: Any = None,
+) -> Evaluation:
+    """The importance-sampled bound (:func:`sedd_ray.diffusion.bound.split_bound`) of
+    ``count`` blocks evenly spread over ``split`` (n, L) (None: all), ``draws`` per block,
+    seeded by ``(seed, block id)`` only; ``rows`` (block x draw) per network call.
 
-    Each sequence gets ``draws`` antithetic time draws; the noise is seeded by the
-    sequence index, so the estimate is the same at every evaluation for the same weights
-    and independent of the number of ranks. Sequences are sharded over ranks.
+    Blocks are sharded over ranks and the per-block values all-gathered, so every rank
+    gets the same :class:`Evaluation`, for any number of ranks.
     """
     rank, world = _dist()
     model.eval()
-    total, total_sq, count = 0.0, 0.0, 0
-    idx = torch.arange(rank, blocks.shape[0], world)
-    for start in range(0, len(idx), batch_size):
-        rows = idx[start:start + batch_size]
-        x0 = blocks[rows].to(device, non_blocking=True)
-        g = torch.Generator(device=device).manual_seed(_derive_seed(seed, 104729, int(rows[0])))
-        with autocast or nullcontext():
-            per_seq = elbo_nll(model, graph, noise, x0, draws=draws, generator=g)
-        per_seq = per_seq.double()
-        total += per_seq.sum().item()
-        total_sq += (per_seq ** 2).sum().item()
-        count += per_seq.numel()
-    total, total_sq, count = _all_reduce_sum([total, total_sq, float(count)], device)
-    mean = total / count
-    var = max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1)
-    return mean, math.sqrt(var / count), int(count)
+    with autocast or nullcontext():
+        ids, nll = split_bound(score_model_log_score_fn(model), graph, noise, split,
+                               count=count, rank=rank, world=world, draws=draws, seed=seed,
+                               batch_size=rows, device=device)
+    all_ids = spread_block_indices(split.shape[0], count)
+    return Evaluation(all_ids, _all_gather_strided(nll, len(all_ids), device))
+
+
+def _all_gather_strided(local: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    """Rank ``r`` holds items ``r::world`` of ``total``: the whole (total,) float64 vector."""
+    _, world = _dist()
+    if world == 1:
+        return local.double().cpu()
+    per = -(-total // world)
+    padded = torch.zeros(per, dtype=torch.float64, device=device)
+    padded[: local.numel()] = local.to(device, torch.float64)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(total, dtype=torch.float64)
+    for r, part in enumerate(parts):
+        n = len(range(r, total, world))
+        out[r::world] = part[:n].cpu()
+    return out
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -341,12 +378,13 @@ class Trainer:
         return t.batch_size // self.world // t.grad_accum
 
     def _load_data(self) -> DataBundle:
-        """Rank 0 builds the cache first (with a progress bar), the others then read it."""
-        data, seed = self.cfg.data, self.cfg.train.seed
-        bundle = load_data(data, seed=seed, progress=self.cfg.train.progress) if self.is_main else None
+        """Rank 0 builds the cache first (with a progress bar), the others then read it. The
+        split is ``data.split_seed``'s, never the training seed's."""
+        data = self.cfg.data
+        bundle = load_data(data, progress=self.cfg.train.progress) if self.is_main else None
         if self.world > 1:
             dist.barrier()
-        return bundle if self.is_main else load_data(data, seed=seed)
+        return bundle if self.is_main else load_data(data)
 
     def _build_model(self) -> None:
         """The model (on the device) and its EMA copy."""
@@ -458,10 +496,24 @@ class Trainer:
     # -- evaluation and samples --
     def evaluate(self, split: str = "val", draws: int | None = None,
                  sequences: int | None = None) -> tuple[float, float, int]:
+        """The periodic evaluation of the EMA weights on ``split``: (mean nats/token, its
+        stderr, blocks); ``sequences`` / ``draws`` default to ``eval_sequences`` /
+        ``eval_draws``."""
         t = self.cfg.train
-        blocks = getattr(self.data, split)[: sequences or t.eval_sequences]
-        return evaluate_bound(self.ema, self.graph, self.noise, blocks, draws or t.eval_draws,
-                              t.eval_batch_size, t.seed, self.device, self.autocast)
+        ev = self.evaluation(split, sequences or t.eval_sequences, draws or t.eval_draws,
+                             self.autocast)
+        return (*ev.mean_stderr, int(ev.ids.numel()))
+
+    def evaluation(self, split: str, count: int | None, draws: int,
+                   autocast: Any = None) -> Evaluation:
+        """Per-block bounds of the EMA weights on ``count`` blocks evenly spread over
+        ``split`` (None: all) with ``draws`` each, seeded by ``train.eval_seed`` (never
+        the training seed): every trial of a study sees the same blocks and draws."""
+        t = self.cfg.train
+        return evaluate_bound(self.ema, self.graph, self.noise, getattr(self.data, split),
+                              count=count, draws=draws, seed=t.eval_seed,
+                              rows=t.eval_batch_size, device=self.device,
+                              autocast=autocast)
 
     @torch.no_grad()
     def samples(self) -> list[str]:
@@ -614,21 +666,26 @@ class Trainer:
         t = self.cfg.train
         if metrics is None:  # resumed at the final step: just re-evaluate
             metrics = {"step": self.step, "tokens": self.tokens, **self._validate()}
+        final = self._final_evaluation(metrics)
         result = TrainResult(
-            step=self.step, tokens_seen=self.tokens, val_nll=metrics.get("val_nll"),
-            val_nll_stderr=metrics.get("val_nll_stderr"), val_ppl_bound=metrics.get("val_ppl_bound"),
-            best_val_nll=self.best_val if math.isfinite(self.best_val) else None,
+            step=self.step, tokens_seen=self.tokens, val_nll=metrics["val_nll"],
+            val_nll_stderr=metrics["val_nll_stderr"], val_ppl_bound=metrics["val_ppl_bound"],
+            best_val_nll=metrics["val_nll_best"], val_nll_final=metrics["val_nll_final"],
+            val_nll_final_stderr=metrics["val_nll_final_stderr"],
+            val_nll_best=metrics["val_nll_best"], data_identity=metrics["data_identity"],
             n_params=self.params["total"], n_params_non_embedding=self.params["non_embedding"],
             resumed_from_step=self.resumed_from, started_at=started_at,
             data_meta={k: v for k, v in self.data.meta.items() if _jsonable(v)},
         )
-        if t.test_draws > 0:
-            nll, se, _ = self.evaluate("test", draws=t.test_draws, sequences=t.test_sequences)
+        if t.test_draws > 0:  # the same estimator, blocks spread over the test split
+            test = self.evaluation("test", t.test_sequences or None, t.test_draws)
+            nll, se = test.mean_stderr
             result.test_nll, result.test_nll_stderr = nll, se
             result.test_ppl_bound = perplexity(nll)
             metrics.update(test_nll=nll, test_nll_stderr=se, test_ppl_bound=result.test_ppl_bound)
         written = None
         if self.is_main:
+            self._write_final_blocks(final)
             result.samples = self.samples()
             self._write_samples(result.samples)
             written = self.save()
@@ -645,6 +702,32 @@ class Trainer:
         if self.is_main:
             atomic_write(self.files.final, json.dumps(asdict(result), indent=1))
         return result
+
+    def _final_evaluation(self, metrics: dict[str, Any]) -> Evaluation:
+        """The trial's number: the final EMA weights on ``final_eval_sequences`` validation
+        blocks (0 = all) x ``final_eval_draws``, in float32. Adds ``val_nll_final``,
+        ``val_nll_final_stderr``, ``val_nll_best`` (the best periodic evaluation) and
+        ``data_identity`` to the final row, whose ``val_nll`` / ``val_nll_stderr`` /
+        ``val_ppl_bound`` become the final evaluation's."""
+        t = self.cfg.train
+        final = self.evaluation("val", t.final_eval_sequences or None, t.final_eval_draws)
+        nll, se = final.mean_stderr
+        metrics.update(
+            val_nll_final=nll, val_nll_final_stderr=se,
+            val_nll_best=self.best_val if math.isfinite(self.best_val) else None,
+            val_nll=nll, val_nll_stderr=se, val_ppl_bound=perplexity(nll),
+            final_eval_blocks=int(final.ids.numel()),
+            data_identity=self.data.meta.get("data_identity"))
+        return final
+
+    def _write_final_blocks(self, final: Evaluation) -> None:
+        """Rank 0: the final evaluation's per-block values, next to ``final.json``."""
+        from sedd_ray import results  # pandas/pyarrow: only when a run ends
+
+        t = self.cfg.train
+        results.write_blocks(self.files.final_blocks, final.ids, final.nll, meta={
+            "data_identity": self.data.meta.get("data_identity"), "eval_seed": t.eval_seed,
+            "draws": t.final_eval_draws, "split": "val", "step": self.step})
 
     def _write_samples(self, texts: list[str]) -> None:
         with open(self.files.samples, "a") as f:

@@ -32,7 +32,8 @@ def tiny_config(**params):
     base = {
         "vocab_size": 300, "seq_len": 32, "batch_size": 8, "steps": 40, "log_every": 5,
         "eval_every": 20, "ckpt_every": 20, "eval_sequences": 8, "eval_draws": 2,
-        "test_draws": 0, "sample_count": 1, "sample_length": 16, "sample_steps": 4,
+        "final_eval_sequences": 8, "final_eval_draws": 2, "test_draws": 0, "sample_count": 1,
+        "sample_length": 16, "sample_steps": 4,
         "progress": False, "hidden_size": 32, "cond_dim": 16, "n_heads": 2, "n_layers": 1,
     }
     base.update(params)

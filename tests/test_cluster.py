@@ -502,7 +502,7 @@ def test_fake_cluster_autoscales_gpu_workers_for_a_study(cfg, tmp_path_factory):
         # While the head starts: the trials' data, in the shared cache (SEDD_RAY_CACHE),
         # so that the two trial drivers do not both build it.
         run_cfg = apply_params(preset("smoke"), FIXED).validate()
-        load_data(run_cfg.data, seed=run_cfg.train.seed)
+        load_data(run_cfg.data)
         while "Ray runtime started" not in (tmp / "head.log").read_text():
             assert root.poll() is None, (tmp / "head.log").read_text()[-3000:]
             assert time.time() - t0 < 120, "the head did not start in 120 s"
