@@ -192,6 +192,46 @@ def test_cache_hit_and_reuse(shakespeare, cache_dir):
     assert torch.equal(capped.train.flatten()[:SEQ], shakespeare.train[0])
 
 
+# --- the split seed and the data identity ---------------------------------------------------
+
+def test_split_seed_is_a_data_setting_with_an_identity(tmp_path):
+    """The split (so the BPE trained on it) follows data.split_seed only; two builds from
+    scratch give the same blocks and the same tokenizer byte for byte, and the same
+    data_identity; another split seed gives another identity; seq_len does not change it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write_docs(corpus, 12)
+
+    def cfg(cache: str, **kw) -> DataConfig:
+        kw = {"seq_len": 16, **kw}
+        return DataConfig(corpus=f"text:{corpus}", tokenizer="bpe", vocab_size=300,
+                          val_fraction=0.2, test_fraction=0.2, cache_dir=str(tmp_path / cache),
+                          **kw)
+
+    a, b = load_data(cfg("a")), load_data(cfg("b"))  # two caches: both built from scratch
+    assert not a.meta["cache_hit"] and not b.meta["cache_hit"]
+    assert a.backend.to_str().encode() == b.backend.to_str().encode()
+    for s in ("train", "val", "test"):
+        assert torch.equal(getattr(a, s), getattr(b, s))
+    assert a.meta["split_seed"] == 0 and a.meta["split"]["seed"] == 0
+    ident = a.meta["data_identity"]
+    assert len(ident) == 12 and b.meta["data_identity"] == ident
+    assert load_data(cfg("a")).meta["data_identity"] == ident  # a cache hit: the same
+    assert load_data(cfg("a", seq_len=8)).meta["data_identity"] == ident
+    other = load_data(cfg("a", split_seed=3))
+    assert other.meta["split_seed"] == 3 and other.meta["data_identity"] != ident
+    assert other.meta["ranges"] != a.meta["ranges"]
+    assert load_data(cfg("a"), seed=3).meta["data_identity"] == other.meta["data_identity"]
+    # an old config (no split_seed) reads with split seed 0
+    old = {k: v for k, v in cfg("a").__dict__.items() if k != "split_seed"}
+    assert load_data(DataConfig(**old)).meta["data_identity"] == ident
+    from sedd_ray.config import ConfigError, RunConfig
+
+    assert RunConfig.from_dict({"data": old}).data.split_seed == 0
+    with pytest.raises(ConfigError, match="split_seed"):
+        cfg("a", split_seed=-1).validate()
+
+
 # --- other corpora -------------------------------------------------------------------------
 
 def test_text_path_directory(tmp_path, cache_dir):

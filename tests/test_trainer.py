@@ -8,6 +8,8 @@ import os
 import time
 from types import SimpleNamespace
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import tiny_config
@@ -140,6 +142,57 @@ def test_validation_bound_falls_with_training(tmp_path, tiny_bundle):
     assert t.evaluate()[0] == after
 
 
+def test_training_seeds_share_the_blocks_tokenizer_and_draws(tmp_path, tiny_bundle):
+    """Two trials of a study that differ only in the training seed: the same split and
+    tokenizer (data.split_seed, never train.seed), the same final-evaluation blocks, and the
+    same draws (train.eval_seed): the same weights give the same per-block values."""
+    one, two = (Trainer(tiny_config(seed=s), tmp_path / f"s{s}") for s in (0, 1))
+    assert one.data.backend.to_str().encode() == two.data.backend.to_str().encode()
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(one.data, split), getattr(two.data, split))
+    assert one.data.meta["data_identity"] == two.data.meta["data_identity"] is not None
+    assert one.data.meta["data_identity"] == tiny_bundle.meta["data_identity"]
+    assert not torch.equal(next(one.raw_model.parameters()), next(two.raw_model.parameters()))
+    two.ema.load_state_dict(one.ema.state_dict())  # same weights: same blocks and draws
+    a, b = (t.evaluation("val", 24, 2) for t in (one, two))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.nll, b.nll)
+    n = one.data.val.shape[0]
+    assert a.ids[0] > 0 and a.ids[-1] > n // 2  # spread over the split, not its head
+    two.cfg.train.eval_seed = 1  # other draws (a study-wide setting)
+    assert not torch.equal(two.evaluation("val", 24, 2).nll, a.nll)
+
+
+def test_final_evaluation_is_the_trials_number(tmp_path, tiny_bundle):
+    """val_nll of the final row and of final.json is the final evaluation (not the best
+    periodic one, kept as val_nll_best); its per-block values sit next to final.json."""
+    from sedd_ray import results
+
+    cfg = tiny_config(steps=20, eval_every=5, ckpt_every=10, final_eval_sequences=12,
+                      final_eval_draws=3, test_draws=2, test_sequences=6)
+    rows: list[dict] = []
+    res = train(cfg, tmp_path, lambda m, c: rows.append(m), bundle=tiny_bundle)
+    final = rows[-1]
+    assert final["final"] and final["val_nll"] == final["val_nll_final"] == res.val_nll
+    assert res.val_nll_final == res.val_nll and res.val_nll_final_stderr == res.val_nll_stderr > 0
+    periodic = [m["val_nll"] for m in rows[:-1] if "val_nll" in m]
+    assert len(periodic) == 3 and final["val_nll_best"] == res.val_nll_best
+    assert res.val_nll_best == min(periodic + [res.best_val_nll]) == res.best_val_nll
+    assert final["data_identity"] == res.data_identity == tiny_bundle.meta["data_identity"]
+    assert final["final_eval_blocks"] == 12 and res.test_nll is not None
+    blocks = pd.read_parquet(TrainerFiles(tmp_path).final_blocks)
+    t = Trainer(cfg, tmp_path / "again", bundle=tiny_bundle)
+    t.load(res.checkpoint_dir)
+    ev = t.evaluation("val", 12, 3)
+    assert blocks["block"].tolist() == ev.ids.tolist()
+    assert blocks["nll"].tolist() == ev.nll.tolist()
+    assert abs(blocks["nll"].mean() - res.val_nll) < 1e-12
+    meta = json.loads(pq.read_schema(TrainerFiles(tmp_path).final_blocks).metadata[b"sedd_ray.meta"])
+    assert meta["data_identity"] == res.data_identity and meta["draws"] == 3
+    # resumed at the final step: the same number again
+    assert train(cfg, tmp_path, bundle=tiny_bundle).val_nll == res.val_nll
+    assert results.BLOCKS_SCHEMA.names == ["block", "nll"]
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out: str, cache: str) -> None:
     os.environ["SEDD_RAY_CACHE"] = cache
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -162,7 +215,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str, cache: str) -> 
         t = Trainer(cfg, out, lambda m, c: seen.append(m["step"]))
         res = t.run(resume=False)
         flat = torch.cat([p.detach().flatten() for p in t.raw_model.parameters()])
-        torch.save({"weights": flat, "steps": seen, "val": res.val_nll}, f"{out}/rank{rank}.pt")
+        torch.save({"weights": flat, "steps": seen, "val": res.val_nll,
+                    "checkpoint": res.checkpoint_dir}, f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -183,6 +237,15 @@ def test_ddp_two_gloo_ranks_hold_identical_weights(tmp_path, tiny_bundle):
     plain_rows = set(range(2, 40, 2)) - {20}  # log rows without evaluation or checkpoint
     assert 0 < len(plain_rows & set(r0["steps"])) < len(plain_rows)  # some reported, not all
     assert r0["val"] == r1["val"]  # metrics averaged over ranks
+    # the final evaluation does not depend on the number of ranks: one rank, same weights
+    single = Trainer(tiny_config(), tmp_path / "single", bundle=tiny_bundle)
+    single.load(r0["checkpoint"])
+    t = single.cfg.train
+    one = single.evaluation("val", t.final_eval_sequences, t.final_eval_draws)
+    two = pd.read_parquet(TrainerFiles(tmp_path).final_blocks)
+    assert two["block"].tolist() == one.ids.tolist()
+    assert torch.allclose(torch.tensor(two["nll"].to_numpy()), one.nll, rtol=1e-6, atol=0)
+    assert abs(r0["val"] - one.nll.mean().item()) < 1e-5
     # Weights moved away from the shared initialisation.
     init = Trainer(tiny_config(), tmp_path / "init-model", bundle=tiny_bundle).raw_model
     flat0 = torch.cat([p.detach().flatten() for p in init.parameters()])
