@@ -195,3 +195,45 @@ def test_a_new_trainer_metric_reaches_history_and_trials(tmp_path, tiny_bundle):
     row = _row(tmp_path)
     assert row["status"] == "terminated" and row["probe_entropy"] == 10.0
     assert Path(row["checkpoint_path"]).name == "ckpt-00000020"
+
+
+def test_merge_takes_the_final_evaluation_as_val_nll():
+    """The trainer's final row carries val_nll = val_nll_final: the trial's val_nll, while
+    the best periodic evaluation stays best_val_nll (the final one never enters it)."""
+    row: dict = {}
+    for nll in (3.0, 2.5, 2.8):
+        merge_metrics(row, {"step": 1, "val_nll": nll, "val_nll_stderr": 0.1}, started=None)
+    final = {"step": 2, "val_nll": 2.4, "val_nll_stderr": 0.01, "val_nll_final": 2.4,
+             "val_nll_final_stderr": 0.01, "val_nll_best": 2.45, "data_identity": "abc"}
+    merge_metrics(row, final, started=None)
+    assert row["val_nll"] == row["val_nll_final"] == 2.4 and row["val_nll_stderr"] == 0.01
+    assert row["best_val_nll"] == row["val_nll_best"] == 2.45 and row["final_val_nll"] == 2.8
+    assert row["data_identity"] == "abc" and row["val_ppl_bound"] == pytest.approx(math.exp(2.4))
+
+
+def test_the_final_evaluation_reaches_trials_parquet_and_blocks(tmp_path, tiny_bundle):
+    """A real trainer's reports through the callback: typed final-evaluation columns, the
+    data identity and split seed, and the per-block values found by read_blocks."""
+    from sedd_ray.results import read_blocks
+
+    cfg = tiny_config(steps=10, log_every=5, eval_every=5, ckpt_every=10,
+                      final_eval_sequences=6, final_eval_draws=2)
+    cb = ParquetCallback(_spec(steps=10), str(tmp_path))
+    trial = _trial()
+    cb.on_trial_start(0, [], trial)
+
+    def report(metrics, checkpoint_dir):
+        _result(trial, cb, **metrics)
+
+    out = StudyLayout(str(tmp_path), STUDY).trial("t1").trainer_files().root
+    res = Trainer(cfg, out, report, bundle=tiny_bundle).run()
+    cb.on_trial_complete(0, [], trial)
+    row = _row(tmp_path)
+    assert row["val_nll"] == row["val_nll_final"] == res.val_nll_final
+    assert row["val_nll_final_stderr"] == res.val_nll_final_stderr > 0
+    assert row["val_nll_best"] == res.val_nll_best == row["best_val_nll"]
+    assert row["data_identity"] == tiny_bundle.meta["data_identity"]
+    assert row["data_split_seed"] == 0 and row["eval_seed"] == 0
+    blocks = read_blocks(tmp_path, STUDY)
+    assert blocks["trial_id"].unique().tolist() == ["t1"] and len(blocks) == 6
+    assert blocks["nll"].mean() == pytest.approx(row["val_nll_final"], abs=1e-12)

@@ -445,3 +445,62 @@ def test_results_imports_neither_ray_nor_torch():
         "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- the final evaluation: columns, per-block values, one data identity ----------------------
+
+def test_final_evaluation_columns_are_typed(tmp_path):
+    s = R.TRIALS_SCHEMA
+    for col in ("val_nll_final", "val_nll_final_stderr", "val_nll_best"):
+        assert s.field(col).type == pa.float64()
+    assert s.field("data_identity").type == pa.string()
+    for col in ("data_split_seed", "eval_seed", "seed", "final_eval_sequences", "final_eval_draws"):
+        assert s.field(col).type == pa.int64(), col
+    cols = R.config_columns()
+    assert cols["data.split_seed"] == "data_split_seed" and cols["train.eval_seed"] == "eval_seed"
+    with R.ResultsWriter(tmp_path, STUDY) as w:
+        cfg = apply_params(preset("tiny"), {"split_seed": 2, "eval_seed": 5, "seed": 1})
+        w.upsert_trial({**_trial("a", val=None, config=cfg.to_dict()), "val_nll_final": 4.25,
+                        "val_nll_final_stderr": 0.02, "val_nll_best": 4.0,
+                        "best_val_nll": 4.0, "data_identity": "abc123def456"})
+    row = R.read_trials(tmp_path, STUDY).iloc[0]
+    assert row["val_nll"] == row["val_nll_final"] == 4.25  # the final evaluation, not the best
+    assert row["val_nll_best"] == 4.0 and row["val_nll_final_stderr"] == 0.02
+    assert (row["data_split_seed"], row["eval_seed"], row["seed"]) == (2, 5, 1)
+    assert row["data_identity"] == "abc123def456"
+
+
+def test_blocks_round_trip_per_trial(tmp_path):
+    layout = StudyLayout(str(tmp_path), STUDY)
+    with R.ResultsWriter(tmp_path, STUDY) as w:
+        for tid in ("a", "b", "c"):
+            w.upsert_trial(_trial(tid))
+    for tid, shift in (("b", 1.0), ("a", 0.0)):  # c has no file (did not finish)
+        path = layout.trial(tid).trainer_files().final_blocks
+        path.parent.mkdir(parents=True)
+        R.write_blocks(path, [3, 10, 17], [4.0 + shift, 5.0 + shift, 6.0 + shift],
+                       meta={"data_identity": "x", "eval_seed": 0})
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+        meta = pq.read_schema(path).metadata[b"sedd_ray.meta"]
+        assert b'"data_identity": "x"' in meta
+    df = R.read_blocks(tmp_path, STUDY)
+    assert list(df.columns) == ["trial_id", "block", "nll"]
+    assert df["trial_id"].tolist() == ["a"] * 3 + ["b"] * 3
+    assert df["block"].tolist() == [3, 10, 17] * 2 and str(df["block"].dtype) == "int64"
+    pairs = df.pivot(index="block", columns="trial_id", values="nll")
+    assert (pairs["b"] - pairs["a"]).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(R.ResultsError, match="one nll per block"):
+        R.write_blocks(tmp_path / "x.parquet", [1, 2], [1.0])
+    with R.ResultsWriter(tmp_path, "empty") as w:
+        w.upsert_trial(_trial("z"))
+    assert R.read_blocks(tmp_path, "empty").empty
+
+
+def test_trials_on_different_data_are_not_compared():
+    same = pd.DataFrame({"trial_id": ["a", "b", "c"], "data_identity": ["x1", "x1", None]})
+    assert R.same_data_identity(same) == "x1"
+    assert R.same_data_identity(pd.DataFrame({"trial_id": ["a"]})) == ""
+    mixed = pd.DataFrame({"trial_id": ["a", "b", "c"], "data_identity": ["x1", "y2", "x1"]})
+    with pytest.raises(ValueError, match=r"measured on different data \(data_identity x1: 2 "
+                                         r"trials, y2: 1 trial\): compare trials of one data"):
+        R.same_data_identity(mixed)
