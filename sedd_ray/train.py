@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_result(result: dict[str, Any], where: str) -> None:
-    keep = ("step", "tokens_seen", "val_nll", "val_nll_stderr", "val_ppl_bound", "test_nll",
-            "test_ppl_bound", "n_params", "wall_time_s", "checkpoint_dir")
+    keep = ("step", "tokens_seen", "val_nll", "val_nll_stderr", "val_ppl_bound", "val_nll_best",
+            "test_nll", "test_ppl_bound", "n_params", "data_identity", "wall_time_s",
+            "checkpoint_dir")
     print(json.dumps({k: result.get(k) for k in keep}, indent=1))
     for s in result.get("samples", [])[:2]:
         print("sample:", repr(s[:200]))
