@@ -282,9 +282,9 @@ class Evaluation:
 
     @property
     def mean_stderr(self) -> tuple[float, float]:
-        """The mean over blocks and its standard error (0 for a single block)."""
+        """The mean over blocks and its standard error (NaN for a single block)."""
         if self.nll.numel() < 2:
-            return float(self.nll.mean()), 0.0
+            return float(self.nll.mean()), math.nan
         return mean_stderr(self.nll)
 
 
