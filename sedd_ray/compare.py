@@ -233,7 +233,7 @@ class Effect:
             return f"{self.phrase()} — conclusive"
         rerun = f"rerun with --replicates {self.suggest_replicates}"
         if self.eval_only:
-            return f"{self.phrase()} — not conclusive by design (one seed per level); {rerun}"
+            return f"{self.phrase()} — not conclusive by design; {rerun}"
         return f"inconclusive: the CI includes 0; {rerun}: {self.difference()}"
 
 
@@ -447,14 +447,12 @@ def _eval_only(a: pd.Series, r: pd.Series, metric: str, table: dict[str, pd.Seri
         d = _block_diffs(str(a["trial_id"]), str(r["trial_id"]), table)
     if d is not None and len(d) >= 2:
         return _Interval(float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d)), len(d) - 1,
-                         f"evaluation noise only (paired by block, {len(d)} blocks), no seed "
-                         "spread; not conclusive by design", 1, 1)
+                         f"{EVAL_ONLY}; paired by block over {len(d)} blocks", 1, 1)
     col = f"{metric}_stderr"
     se_a = float(a[col]) if col in a and pd.notna(a[col]) else math.nan
     se_r = float(r[col]) if col in r and pd.notna(r[col]) else math.nan
     return _Interval(float(a[metric]) - float(r[metric]), math.hypot(se_a, se_r), math.inf,
-                     f"evaluation noise only (normal interval from {col}), no seed spread; "
-                     "not conclusive by design", 1, 1)
+                     f"{EVAL_ONLY}; normal interval from the trials' {col}", 1, 1)
 
 
 def _interval(a: pd.DataFrame, r: pd.DataFrame, metric: str,

@@ -5,6 +5,7 @@ Bonferroni intervals, block pairing narrows the CI, and bad comparisons are refu
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,7 +190,7 @@ def test_block_pairing_narrows_the_ci_when_block_noise_dominates():
                             rng=rng)
     (paired,) = compare(t, "graph", blocks=blocks).effects
     (unpaired,) = compare(t, "graph").effects
-    assert "paired by block, 64 blocks" in paired.method
+    assert "paired by block over 64 blocks" in paired.method
     assert (paired.high - paired.low) < 0.2 * (unpaired.high - unpaired.low)
     assert paired.diff == pytest.approx(unpaired.diff)  # every block common: same difference
     assert paired.high < 0 and not paired.conclusive  # one seed: still not conclusive
@@ -266,3 +267,118 @@ def test_compare_imports_neither_torch_nor_ray():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+# --- the report (experiments/analyze.py) on hand-written Parquet ---------------------------------
+
+sys.path.insert(0, str(ROOT))  # `experiments` is a folder of scripts, not installed
+
+from experiments import analyze  # noqa: E402
+from sedd_ray import results  # noqa: E402
+from sedd_ray.config import apply_params, preset  # noqa: E402
+from sedd_ray.results import ResultsWriter, trial_row_from_config  # noqa: E402
+
+
+def write_study(storage: Path, name: str, table: pd.DataFrame, axis: str = "graph",
+                tune_per_level: int = 2) -> None:
+    """``table``'s rows as replicates, after ``tune_per_level`` tuning trials per level
+    (different lr; the first is the one replicated), with learning curves."""
+    rng = np.random.default_rng(0)
+    with ResultsWriter(storage, name) as w:
+        k = 0
+        for level, rows in table.groupby("level", sort=False):
+            tuned = []
+            for j in range(tune_per_level):
+                y = float(rows["val_nll_final"].mean()) + 0.1 * j
+                tuned.append(f"t{k:03d}")
+                _write_trial(w, f"t{k:03d}", axis, level, {"lr": 1e-3 * (j + 1), "seed": j}, y,
+                             "tune", None, rows["data_identity"].iloc[0], rng)
+                k += 1
+            for _, r in rows.iterrows():
+                _write_trial(w, r["trial_id"], axis, level, {"lr": 1e-3, "seed": int(r["seed"])},
+                             float(r["val_nll_final"]), r["phase"], tuned[0] if tuned else None,
+                             r["data_identity"], rng)
+
+
+def _write_trial(w, tid, axis, level, params, y, phase, replicate_of, identity, rng):
+    cfg = apply_params(preset("tiny"), {axis: level, **params})
+    row = trial_row_from_config(cfg)
+    non_emb = 12 * cfg.model.n_layers * cfg.model.hidden_size**2
+    row.update(n_params=2 * non_emb, n_params_non_embedding=non_emb)
+    row.update(trial_id=tid, status="terminated", ablated_axis=axis, level=level, step=40,
+               tokens_seen=40 * 512, val_nll=y, best_val_nll=y - 0.01, val_ppl_bound=math.exp(y),
+               val_nll_final=y, val_nll_final_stderr=0.02, phase=phase, replicate_of=replicate_of,
+               data_identity=identity)
+    w.upsert_trial(row)
+    w.append_history(tid, [{"step": s, "tokens": s * 512, "val_nll": y + 5 / s + rng.normal(0, .01)}
+                           for s in (10, 20, 40)])
+
+
+def test_report_states_the_verdict_first_then_effects(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(20)
+    t = trial_table({"uniform": 0.0, "absorb": -0.4}, seed_sd=0.03, rng=rng)
+    t["trial_id"] = [f"r{i}" for i in range(len(t))]
+    t, blocks = block_table(t, rng=rng)
+    write_study(tmp_path, "abl", t)
+    monkeypatch.setattr(results, "read_blocks", lambda storage, study: blocks, raising=False)
+    assert analyze.main(["--storage", str(tmp_path), "--study", "abl"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    report = (tmp_path / "abl" / "report.md").read_text()
+    first = report.splitlines()[0]
+    assert first.startswith("absorb beats uniform by 0.") and first.endswith("— conclusive")
+    assert "3 seeds each, paired by seed and block" in first and out[0] == first
+    assert analyze.read_verdicts(tmp_path / "abl" / "report.md") == [first]
+    assert report.index("## Effect of `graph` against `uniform`") < report.index("## `graph`")
+    diff = float(re.search(r"\| absorb \| ([-+0-9.]+) \|", report).group(1))
+    assert diff == pytest.approx(-0.4, abs=0.1) and "paired by seed and block" in report
+    assert "Over the replicate trials" in report
+    assert "(4 tune, 6 replicate)" in report
+    for png in ("graph_effects.png", "learning_curves.png", "graph_bars.png", "importances.png"):
+        assert (tmp_path / "abl" / png).stat().st_size > 1000
+    # importances over the 4 tuning trials only, not the replicates
+    assert "over 4 finished tuning trials" in report
+
+
+def test_report_of_a_three_level_axis_and_too_few_tuning_trials(tmp_path):
+    t = trial_table({"tiny": 0.0, "mini": -0.5, "base": -0.6}, axis="model", seed_sd=0.02,
+                    rng=np.random.default_rng(21))
+    t["trial_id"] = [f"r{i}" for i in range(len(t))]
+    write_study(tmp_path, "sizes", t, axis="model", tune_per_level=0)
+    report = analyze.write_report(tmp_path, "sizes").read_text()
+    lines = report.splitlines()
+    assert lines[0].startswith("mini beats tiny by 0.") and lines[2].startswith("base beats tiny")
+    assert all("[Bonferroni, 2 comparisons]" in ln for ln in (lines[0], lines[2]))
+    assert lines[4] == "# Study `sizes`"
+    assert "p (Bonferroni)" in report and "97.5% CI" in report
+    assert "Too few finished trials for parameter importances (0" in report
+    assert "Only tuning trials count" in report
+
+
+def test_report_of_old_parquet_falls_back_to_val_nll(tmp_path):
+    t = trial_table({"uniform": 0.0, "absorb": 0.0}, seeds=(0,), rng=np.random.default_rng(22))
+    with ResultsWriter(tmp_path, "old") as w:
+        for _, r in t.iterrows():
+            row = trial_row_from_config(apply_params(preset("tiny"), {"graph": r["level"]}))
+            row.update(trial_id=r["trial_id"], status="terminated", ablated_axis="graph",
+                       level=r["level"], val_nll=r["val_nll"], val_nll_stderr=0.3,
+                       val_ppl_bound=math.exp(r["val_nll"]))
+            w.upsert_trial(row)
+    report = analyze.write_report(tmp_path, "old").read_text()
+    first = report.splitlines()[0]
+    assert "1 seed each, evaluation noise only, no seed spread" in first
+    assert "not conclusive by design; rerun with --replicates 3" in first
+    assert "`val_nll`: level" not in report and "| absorb |" in report
+    assert "Each trial contributes its best evaluation" in report
+    assert (tmp_path / "old" / "graph_effects.png").stat().st_size > 1000
+
+
+def test_report_refuses_trials_of_different_data(tmp_path, capsys):
+    t = trial_table({"uniform": 0.0, "absorb": -0.4}, rng=np.random.default_rng(23))
+    t["trial_id"] = [f"r{i}" for i in range(len(t))]
+    t.loc[t["seed"] == 0, "data_identity"] = "beef"
+    write_study(tmp_path, "mixed", t)
+    assert analyze.main([str(tmp_path / "mixed")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: refusing to compare trials measured on different data")
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["history", "trials.parquet"]
