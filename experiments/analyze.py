@@ -1,22 +1,34 @@
-"""Analyse a study from its Parquet: a Markdown report with tables, plots and importances.
+"""Analyse a study from its Parquet: a Markdown report that states the answer first.
 
     python experiments/analyze.py results/graph-ablation          # a study directory
     python experiments/analyze.py --storage results --study noise-ablation-absorb
     python experiments/analyze.py --storage results               # the only study there
 
-Writes ``report.md`` and its PNG plots into the study directory (``--out`` elsewhere):
+Prints the verdict line(s), then writes ``report.md`` and its PNG plots into the study
+directory (``--out`` elsewhere):
 
-* a table per ablated axis: mean, standard error and n of each trial's best
+* first, the verdict of each ablated axis, from :func:`sedd_ray.compare.compare` on the
+  replicate trials (all finished trials when the study has no replicate phase), e.g.
+  ``absorb beats uniform by 0.62 nats/token (95% CI 0.55 to 0.69; 3 seeds each, paired by
+  seed and block) — conclusive`` or ``inconclusive: the CI includes 0; rerun with
+  --replicates 6: ...``; a search study states its best config instead;
+* an effect table and plot per axis: each level's difference from the reference in
+  nats/token with its CI, and the ratio of perplexity bounds;
+* a table per ablated axis: mean, standard error and n of each trial's
   ``val_ppl_bound`` per level, and the best trial and config per level (a search study
-  gets a table per categorical parameter that varied);
-* a bar chart with error bars per axis, and learning curves (bound vs training tokens,
-  one line per trial, coloured by level);
-* Optuna parameter importances (``optuna.importance.get_param_importances``) on an Optuna
-  study rebuilt from the Parquet rows;
+  gets a table per categorical parameter that varied), with a bar chart;
+* learning curves (bound vs training tokens), one panel per level, colour = config (a
+  replicate shares the colour of the tuning trial it copies), line style = phase;
+* Optuna parameter importances (``optuna.importance.get_param_importances``) over the
+  tuning trials, on an Optuna study rebuilt from the Parquet rows;
 * for a model-size axis, the bound against parameters and training compute on log-log
   axes with a power-law fit; for synthetic sources (``true_nll``), the bound against the
   true entropy per level;
 * a few samples of the best trial, read from the trainer's ``samples.jsonl``.
+
+Trials of different ``data_identity`` (corpus, split, tokenizer) are refused: one
+``error:`` line, exit code 2, nothing written. Older Parquet without ``val_nll_final``,
+``phase`` or per-block values is compared on ``val_nll``, all finished trials, by seed.
 
 It reads Parquet only, through :mod:`sedd_ray.results`, and imports neither torch nor
 Ray, so it runs anywhere the results are, while a study is still running too.

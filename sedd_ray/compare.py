@@ -242,7 +242,8 @@ class Comparison:
     """The effects of every level of ``axis`` against ``reference``, and how they were made.
 
     ``rows`` says which trials were used (``"replicate"`` rows or all ``"finished"``
-    ones); ``adjustment`` names the multiple-comparison correction (``""`` for one
+    ones; ``missing`` lists levels that have finished trials but no finished replicate
+    while others have, so they are left out); ``adjustment`` names the multiple-comparison correction (``""`` for one
     comparison); ``per_level`` maps each level to the trial values used (nats/token)."""
 
     axis: str
@@ -254,11 +255,14 @@ class Comparison:
     rows: str
     adjustment: str = ""
     per_level: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()  # levels with finished trials but no replicate yet
 
     def lines(self) -> list[str]:
-        """One verdict line per effect (the adjustment noted on each when there is one)."""
+        """One verdict line per effect (the adjustment noted on each when there is one),
+        then one per level left out for want of a finished replicate."""
         note = f" [Bonferroni, {len(self.effects)} comparisons]" if self.adjustment else ""
-        return [e.verdict() + note for e in self.effects]
+        return [e.verdict() + note for e in self.effects] + [
+            f"not compared: {lv} has no finished replicate trial yet" for lv in self.missing]
 
     def verdict(self) -> str:
         """The answer first: one line per level compared with the reference."""
@@ -295,6 +299,15 @@ def check_data_identity(trials: pd.DataFrame) -> None:
             "trials of one data identity (one study with one data.split_seed)")
 
 
+def _finished(trials: pd.DataFrame, metric: str) -> np.ndarray:
+    """Rows of finished trials (or of any status when there is no column) with a finite
+    ``metric``."""
+    ok = np.isfinite(pd.to_numeric(trials[metric], errors="coerce").to_numpy(dtype=float))
+    if "status" in trials:
+        ok = ok & trials["status"].isin(FINISHED_STATUSES).to_numpy(dtype=bool)
+    return ok
+
+
 def comparison_rows(trials: pd.DataFrame, metric: str = "val_nll_final") -> tuple[pd.DataFrame, str]:
     """The rows a comparison uses and which ones they are (``"replicate"`` or
     ``"finished"``): finished trials with a finite ``metric``, the replicate phase's
@@ -302,9 +315,7 @@ def comparison_rows(trials: pd.DataFrame, metric: str = "val_nll_final") -> tupl
     if metric not in trials:
         raise CompareError(f"the trials have no column {metric!r}; pass metric= one of "
                            f"{', '.join(c for c in trials.columns if 'nll' in c) or 'their columns'}")
-    ok = np.isfinite(pd.to_numeric(trials[metric], errors="coerce").to_numpy(dtype=float))
-    if "status" in trials:
-        ok = ok & trials["status"].isin(FINISHED_STATUSES).to_numpy(dtype=bool)
+    ok = _finished(trials, metric)
     if "phase" in trials:
         rep = ok & (trials["phase"] == "replicate").fillna(False).to_numpy(dtype=bool)
         if rep.any():
@@ -334,14 +345,14 @@ def _default_order(levels: pd.Series) -> list[str]:
 
 
 def _order(levels: pd.Series, axis: str, order: Sequence[str] | None,
-           reference: str | None) -> tuple[list[str], str]:
+           reference: str | None, which: str) -> tuple[list[str], str]:
     present = set(levels)
     lv = [str(x) for x in order if str(x) in present] if order is not None else _default_order(levels)
     lv += [x for x in _default_order(levels) if x not in lv]
     if len(lv) < 2:
-        have = lv[0] if lv else "none"
-        raise CompareError(f"axis {axis!r} has {len(lv)} level with finished trials ({have}); "
-                           "a comparison needs at least 2 levels")
+        have, rows = (lv[0] if lv else "none"), ("replicate " if which == "replicate" else "")
+        raise CompareError(f"axis {axis!r} has {len(lv)} level{'' if len(lv) == 1 else 's'} with "
+                           f"finished {rows}trials ({have}); a comparison needs at least 2 levels")
     ref = lv[0] if reference is None else str(reference)
     if ref not in lv:
         raise CompareError(f"reference {ref!r} is not a level of {axis!r}; levels: {', '.join(lv)}")
@@ -516,7 +527,7 @@ def compare(trials: pd.DataFrame, axis: str, *, blocks: pd.DataFrame | None = No
     rows, which = comparison_rows(trials, metric)
     check_data_identity(rows)
     levels = _level_series(rows, axis)
-    order_, ref = _order(levels, axis, order, reference)
+    order_, ref = _order(levels, axis, order, reference, which)
     others = [lv for lv in order_ if lv != ref]
     m = len(others)
     each = 1.0 - (1.0 - confidence) / m  # Bonferroni
@@ -527,6 +538,8 @@ def compare(trials: pd.DataFrame, axis: str, *, blocks: pd.DataFrame | None = No
     adjustment = (f"Bonferroni over {m} comparisons: each CI at {100 * each:.4g}%, "
                   f"{100 * confidence:.4g}% together" if m > 1 else "")
     per_level = {lv: tuple(rows.loc[levels == lv, metric].astype(float)) for lv in order_}
+    finished = _level_series(trials[_finished(trials, metric)], axis)
+    missing = tuple(lv for lv in dict.fromkeys(finished) if lv not in per_level)
     return Comparison(axis=axis, metric=metric, reference=ref, levels=tuple(order_),
                       effects=effects, confidence=confidence, rows=which,
-                      adjustment=adjustment, per_level=per_level)
+                      adjustment=adjustment, per_level=per_level, missing=missing)

@@ -227,6 +227,15 @@ def test_replicate_rows_are_used_when_there_are_any():
     assert compare(tune, "graph").rows == "finished"  # no replicate: every finished trial
     rep.loc[0, "status"] = "error"
     assert compare(pd.concat([tune, rep]), "graph").effects[0].n_reference == 2
+    # mid-replication: a level with no finished replicate yet is named, not compared
+    partial = pd.concat([tune, rep[rep["level"] == "uniform"]])
+    with pytest.raises(CompareError, match="has 1 level with finished replicate trials"):
+        compare(partial, "graph")
+    three = trial_table({"a": 0.0, "b": 0.0, "c": 0.0}, axis="x", phase="tune", rng=rng)
+    rep3 = trial_table({"a": 0.0, "b": -0.5}, axis="x", rng=rng)
+    c = compare(pd.concat([three, rep3.assign(trial_id=lambda d: "r" + d["trial_id"])]), "x")
+    assert [e.level for e in c.effects] == ["b"] and c.missing == ("c",)
+    assert c.verdict().splitlines()[-1] == "not compared: c has no finished replicate trial yet"
 
 
 def test_old_tables_without_phase_or_final_columns():
@@ -247,7 +256,7 @@ def test_refusals_are_one_clear_line():
     cases = [
         (lambda: compare(mixed, "graph"), "refusing to compare trials measured on different data"),
         (lambda: check_data_identity(mixed), "d1a7 in 4 trials, beef in 2 trials"),
-        (lambda: compare(t[t["level"] == "absorb"], "graph"), "has 1 level with finished trials"),
+        (lambda: compare(t[t["level"] == "absorb"], "graph"), "has 1 level with finished replicate trials (absorb)"),
         (lambda: compare(t, "graph", reference="radd"), "'radd' is not a level of 'graph'; levels: "
                                                         "uniform, absorb"),
         (lambda: compare(t, "noise"), "no column 'noise'"),
@@ -300,12 +309,14 @@ def write_study(storage: Path, name: str, table: pd.DataFrame, axis: str = "grap
                              r["data_identity"], rng)
 
 
-def _write_trial(w, tid, axis, level, params, y, phase, replicate_of, identity, rng):
+def _write_trial(w, tid, axis, level, params, y, phase, replicate_of, identity, rng,
+                 ablated=True):
     cfg = apply_params(preset("tiny"), {axis: level, **params})
     row = trial_row_from_config(cfg)
     non_emb = 12 * cfg.model.n_layers * cfg.model.hidden_size**2
     row.update(n_params=2 * non_emb, n_params_non_embedding=non_emb)
-    row.update(trial_id=tid, status="terminated", ablated_axis=axis, level=level, step=40,
+    row.update(trial_id=tid, status="terminated", ablated_axis=axis if ablated else None,
+               level=level if ablated else None, step=40,
                tokens_seen=40 * 512, val_nll=y, best_val_nll=y - 0.01, val_ppl_bound=math.exp(y),
                val_nll_final=y, val_nll_final_stderr=0.02, phase=phase, replicate_of=replicate_of,
                data_identity=identity)
@@ -382,3 +393,23 @@ def test_report_refuses_trials_of_different_data(tmp_path, capsys):
     assert err.startswith("error: refusing to compare trials measured on different data")
     assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["history", "trials.parquet"]
+
+
+def test_search_study_states_its_best_config(tmp_path):
+    rng = np.random.default_rng(24)
+    with ResultsWriter(tmp_path, "search") as w:
+        for k, (graph, lr) in enumerate([("uniform", 1e-3), ("absorb", 1e-3), ("absorb", 3e-3)]):
+            _write_trial(w, f"t{k:03d}", "graph", graph, {"lr": lr, "seed": 0}, 4.0 - 0.1 * k,
+                         "tune", None, "d1a7", rng, ablated=False)
+    report = analyze.write_report(tmp_path, "search")
+    first = report.read_text().splitlines()[0]
+    assert first.startswith("search study: best trial `t002` val_nll_final 3.800 nats/token")
+    assert "± 0.020 evaluation s.e., the minimum over 3 trials (biased low" in first
+    with ResultsWriter(tmp_path, "search") as w:
+        for k, y in enumerate((3.9, 3.95, 3.85)):
+            _write_trial(w, f"r{k}", "graph", "absorb", {"lr": 3e-3, "seed": 10 + k}, y,
+                         "replicate", "t002", "d1a7", rng, ablated=False)
+    (line,) = analyze.read_verdicts(analyze.write_report(tmp_path, "search"))
+    half = t_quantile(0.975, 2) * 0.05 / math.sqrt(3)
+    assert line == (f"best config (replicates of `t002`): val_nll_final 3.900 nats/token "
+                    f"(95% CI {3.9 - half:.3f} to {3.9 + half:.3f}; 3 seeds)")
