@@ -242,9 +242,10 @@ class Comparison:
     """The effects of every level of ``axis`` against ``reference``, and how they were made.
 
     ``rows`` says which trials were used (``"replicate"`` rows or all ``"finished"``
-    ones; ``missing`` lists levels that have finished trials but no finished replicate
-    while others have, so they are left out); ``adjustment`` names the multiple-comparison correction (``""`` for one
-    comparison); ``per_level`` maps each level to the trial values used (nats/token)."""
+    ones); ``missing`` lists levels that have finished trials but no finished replicate
+    while others have (left out, and named by :meth:`lines`); ``adjustment`` names the
+    multiple-comparison correction (``""`` for one comparison); ``per_level`` maps each
+    level to the trial values used (nats/token)."""
 
     axis: str
     metric: str
