@@ -388,7 +388,8 @@ def curve_families(study: Study, axis: str | None) -> pd.DataFrame:
     tuning trial it copies, so both share a colour) with the family's nuisance settings."""
     t = study.trials
     level = levels_of(study, axis) if axis else pd.Series("all", index=t.index)
-    phase = t["phase"] if "phase" in t else pd.Series(None, index=t.index, dtype=object)
+    phased = "phase" in t and t["phase"].notna().any()  # rows before phases: tuning
+    phase = t["phase"].fillna("tune") if phased else pd.Series(None, index=t.index, dtype=object)
     copies = t["replicate_of"] if "replicate_of" in t else pd.Series(None, index=t.index)
     family = copies.where(copies.notna(), t["trial_id"]).astype(str)
     rows = t.set_index("trial_id", drop=False)
@@ -802,7 +803,7 @@ def tuning_trials(study: Study) -> tuple[Study, str]:
     if "phase" not in fin or not fin["phase"].notna().any():
         return study, ""
     view = copy.copy(study)
-    view.finished = fin[(fin["phase"] == "tune").fillna(False).astype(bool)]
+    view.finished = fin[fin["phase"].fillna("tune") == "tune"]  # rows before phases: tuning
     view.params = varying_params(view.finished)
     return view, " tuning"
 
