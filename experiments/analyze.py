@@ -1,22 +1,34 @@
-"""Analyse a study from its Parquet: a Markdown report with tables, plots and importances.
+"""Analyse a study from its Parquet: a Markdown report that states the answer first.
 
     python experiments/analyze.py results/graph-ablation          # a study directory
     python experiments/analyze.py --storage results --study noise-ablation-absorb
     python experiments/analyze.py --storage results               # the only study there
 
-Writes ``report.md`` and its PNG plots into the study directory (``--out`` elsewhere):
+Prints the verdict line(s), then writes ``report.md`` and its PNG plots into the study
+directory (``--out`` elsewhere):
 
-* a table per ablated axis: mean, standard error and n of each trial's best
+* first, the verdict of each ablated axis, from :func:`sedd_ray.compare.compare` on the
+  replicate trials (all finished trials when the study has no replicate phase), e.g.
+  ``absorb beats uniform by 0.62 nats/token (95% CI 0.55 to 0.69; 3 seeds each, paired by
+  seed and block) — conclusive`` or ``inconclusive: the CI includes 0; rerun with
+  --replicates 6: ...``; a search study states its best config instead;
+* an effect table and plot per axis: each level's difference from the reference in
+  nats/token with its CI, and the ratio of perplexity bounds;
+* a table per ablated axis: mean, standard error and n of each trial's
   ``val_ppl_bound`` per level, and the best trial and config per level (a search study
-  gets a table per categorical parameter that varied);
-* a bar chart with error bars per axis, and learning curves (bound vs training tokens,
-  one line per trial, coloured by level);
-* Optuna parameter importances (``optuna.importance.get_param_importances``) on an Optuna
-  study rebuilt from the Parquet rows;
+  gets a table per categorical parameter that varied), with a bar chart;
+* learning curves (bound vs training tokens), one panel per level, colour = config (a
+  replicate shares the colour of the tuning trial it copies), line style = phase;
+* Optuna parameter importances (``optuna.importance.get_param_importances``) over the
+  tuning trials, on an Optuna study rebuilt from the Parquet rows;
 * for a model-size axis, the bound against parameters and training compute on log-log
   axes with a power-law fit; for synthetic sources (``true_nll``), the bound against the
   true entropy per level;
 * a few samples of the best trial, read from the trainer's ``samples.jsonl``.
+
+Trials of different ``data_identity`` (corpus, split, tokenizer) are refused: one
+``error:`` line, exit code 2, nothing written. Older Parquet without ``val_nll_final``,
+``phase`` or per-block values is compared on ``val_nll``, all finished trials, by seed.
 
 It reads Parquet only, through :mod:`sedd_ray.results`, and imports neither torch nor
 Ray, so it runs anywhere the results are, while a study is still running too.
@@ -25,6 +37,7 @@ Ray, so it runs anywhere the results are, while a study is still running too.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import math
@@ -42,6 +55,16 @@ import pandas as pd
 if __package__ in (None, ""):  # run as a script: make `sedd_ray` and `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sedd_ray import results  # noqa: E402
+from sedd_ray.compare import (  # noqa: E402
+    EVAL_ONLY,
+    CompareError,
+    Comparison,
+    check_data_identity,
+    compare,
+    comparison_rows,
+    t_quantile,
+)
 from sedd_ray.io import local_path  # noqa: E402
 from sedd_ray.layout import StudyLayout, TrainerFiles  # noqa: E402
 from sedd_ray.results import (  # noqa: E402
@@ -55,6 +78,9 @@ from sedd_ray.results import (  # noqa: E402
 
 REPORT = "report.md"
 METRIC = "val_nll"  # what Optuna minimised and best trials are ranked by (nats/token)
+# What levels are compared by: the final, high-precision evaluation of each trial; older
+# Parquet without it falls back to METRIC (see Study.metric).
+FINAL = "val_nll_final"
 BOUND = "val_ppl_bound"  # exp(best val_nll): the perplexity upper bound the tables show
 # Architecture columns that a model size name sets (not tuned on their own).
 ARCH_COLUMNS = ("hidden_size", "n_layers", "n_heads", "cond_dim", "max_seq_len")
@@ -76,9 +102,11 @@ class Study:
     name: str
     trials: pd.DataFrame
     history: pd.DataFrame
+    blocks: pd.DataFrame | None = None  # per-block final evaluation (trial_id, block, nll)
     finished: pd.DataFrame = field(init=False)
     params: list[str] = field(init=False)  # config columns that varied (the tuned ones)
     axes: list[str] = field(init=False)  # ablated axis, or the varying categoricals
+    metric: str = field(init=False)  # FINAL when the trials have it, else METRIC
 
     def __post_init__(self) -> None:
         t = self.trials
@@ -86,6 +114,8 @@ class Study:
             pd.to_numeric(t[METRIC], errors="coerce").astype(float))
         self.finished = t[ok].copy()
         self.params = varying_params(self.finished)
+        final = pd.to_numeric(self.finished.get(FINAL, pd.Series(dtype=float)), errors="coerce")
+        self.metric = FINAL if np.isfinite(final.to_numpy(dtype=float)).any() else METRIC
         axis = _first(t["ablated_axis"].dropna()) if "ablated_axis" in t else None
         if axis:
             self.axes = [axis]
@@ -108,7 +138,20 @@ def load_study(storage: str | os.PathLike, study: str | None = None) -> Study:
     trials = read_trials(storage, name)
     if "trial_id" in trials:
         trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
-    return Study(storage, name, trials, read_history(storage, name))
+    return Study(storage, name, trials, read_history(storage, name), read_study_blocks(storage, name))
+
+
+def read_study_blocks(storage: str, name: str) -> pd.DataFrame | None:
+    """The per-block values of the trials' final evaluations (``results.read_blocks``), or
+    None when this results module or the study has none (older code or Parquet)."""
+    read_blocks = getattr(results, "read_blocks", None)
+    if read_blocks is None:
+        return None
+    try:
+        blocks = read_blocks(storage, name)
+    except (ResultsError, FileNotFoundError):
+        return None
+    return blocks if blocks is not None and len(blocks) else None
 
 
 def split_study_dir(path: str | os.PathLike) -> tuple[str, str]:
@@ -340,44 +383,89 @@ def plot_bars(study: Study, axis: str, rows: Sequence[LevelRow], path: Path) -> 
     return path
 
 
+def curve_families(study: Study, axis: str | None) -> pd.DataFrame:
+    """One row per trial: its level, phase and config family (a replicate belongs to the
+    tuning trial it copies, so both share a colour) with the family's nuisance settings."""
+    t = study.trials
+    level = levels_of(study, axis) if axis else pd.Series("all", index=t.index)
+    phased = "phase" in t and t["phase"].notna().any()  # rows before phases: tuning
+    phase = t["phase"].fillna("tune") if phased else pd.Series(None, index=t.index, dtype=object)
+    copies = t["replicate_of"] if "replicate_of" in t else pd.Series(None, index=t.index)
+    family = copies.where(copies.notna(), t["trial_id"]).astype(str)
+    rows = t.set_index("trial_id", drop=False)
+    nuisance = [p for p in study.params if p != axis]
+
+    def label(fam: str) -> str:  # the config, not the seed: replicates have their own
+        src = rows.loc[fam] if fam in rows.index else None
+        parts = [f"{p}={fmt(src[p], 3)}" for p in nuisance if src is not None
+                 and not _missing(src[p]) and applies(p, src)]
+        return f"{fam}: {', '.join(parts)}" if parts else fam
+
+    out = pd.DataFrame({"trial_id": t["trial_id"].astype(str), "level": level.astype(str),
+                        "phase": phase, "family": family, "label": family.map(label)})
+    # colours number the families of each level in order of appearance
+    out["colour"] = [list(dict.fromkeys(out.loc[out["level"] == lv, "family"])).index(f)
+                     for lv, f in zip(out["level"], out["family"])]
+    return out.set_index("trial_id")
+
+
 def plot_curves(study: Study, axis: str | None, path: Path) -> Path | None:
-    """Validation bound vs training tokens, one line per trial, coloured by level."""
+    """Validation bound vs training tokens, one panel per level and one line per trial:
+    colour = config (a replicate shares its tuned trial's colour), line style = phase
+    (tuning dashed, replicate solid)."""
     h = study.history
     if h.empty or not h["val_nll"].notna().any():
         return None
     plt = _plt()
-    lv_of = (levels_of(study, axis) if axis else pd.Series("all", index=study.trials.index))
-    level_by_trial = dict(zip(study.trials["trial_id"], lv_of))
+    fam = curve_families(study, axis)
     order = level_order(study, axis) if axis else ["all"]
-    colors = _colors(order)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    seen: set[str] = set()
+    fig, axes = plt.subplots(1, len(order), sharey=True, squeeze=False,
+                             figsize=(max(6.4, 0.6 + 3.6 * len(order)), 4.2))
+    cmap, labelled = plt.get_cmap("tab10"), set()
     for trial_id, g in h[h["val_nll"].notna()].groupby("trial_id", sort=True):
+        if trial_id not in fam.index:  # history of a trial with no row yet
+            continue
+        info = fam.loc[trial_id]
+        ax = axes[0][order.index(info["level"])] if info["level"] in order else axes[0][-1]
+        tune = info["phase"] == "tune"
         g = g.sort_values("step")
-        lv = level_by_trial.get(trial_id, "?")
         x = g["tokens"].astype(float) if g["tokens"].notna().all() else g["step"].astype(float)
-        ax.plot(x, np.exp(g["val_nll"].astype(float).clip(upper=700)), "o-", ms=2.5, lw=1.2,
-                color=colors.get(lv, "gray"), alpha=0.85,
-                label=None if lv in seen else f"{axis}={lv}" if axis else None)
-        seen.add(lv)
-    ax.set_yscale("log")
-    _plain_log_ticks(ax, "y")
-    ax.set_xlabel("training tokens" if h["tokens"].notna().any() else "step")
-    ax.set_ylabel("val perplexity bound")
-    ax.set_title(f"{study.name}: learning curves (one line per trial)", fontsize=9)
-    if axis:  # legend in level order, whatever order the trials came in
-        handles, labels = ax.get_legend_handles_labels()
-        by_label = dict(zip(labels, handles))
-        keys = [f"{axis}={lv}" for lv in order if f"{axis}={lv}" in by_label]
-        ax.legend([by_label[k] for k in keys], keys, fontsize=8)
-    from matplotlib.ticker import FuncFormatter
-
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
-    ax.grid(alpha=0.3, which="both")
+        ax.plot(x, np.exp(g["val_nll"].astype(float).clip(upper=700)), "--" if tune else "-",
+                marker="o", ms=2.0, lw=1.0 if tune else 1.6, alpha=0.75 if tune else 0.95,
+                color=cmap(info["colour"] % 10),
+                label=None if info["family"] in labelled else info["label"])
+        labelled.add(info["family"])
+    _curve_axes(study, axes[0], order, axis, fam)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _curve_axes(study: Study, axes: Sequence[Any], order: Sequence[str], axis: str | None,
+                fam: pd.DataFrame) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    h = study.history
+    for ax, lv in zip(axes, order):
+        ax.set_yscale("log")
+        ax.set_title(f"{axis}={lv}" if axis else study.name, fontsize=9)
+        ax.set_xlabel("training tokens" if h["tokens"].notna().any() else "step")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+        ax.grid(alpha=0.3, which="both")
+        handles, labels = ax.get_legend_handles_labels()
+        if fam["phase"].notna().any():
+            handles += [Line2D([], [], color="black", ls="--", lw=1.0, label="tune"),
+                        Line2D([], [], color="black", ls="-", lw=1.6, label="replicate")]
+        if handles:
+            ax.legend(handles=handles, fontsize=6, loc="upper right")
+    _plain_log_ticks(axes[0], "y")
+    axes[0].set_ylabel("val perplexity bound")
+    axes[0].figure.suptitle(f"{study.name}: learning curves (colour: config, "
+                            "line: phase)" if fam["phase"].notna().any() else
+                            f"{study.name}: learning curves (one line per trial; colour: config)",
+                            fontsize=9)
 
 
 def _si(v: float) -> str:
@@ -496,6 +584,154 @@ def plot_scaling(study: Study, axis: str, best: pd.DataFrame, path: Path
     return path, fits[0], fits[1]
 
 
+# --- the answer: effects of each axis with confidence intervals ----------------------------
+
+@dataclass
+class AxisVerdict:
+    """The verdict lines of one axis and the comparison behind them (None: no verdict)."""
+
+    axis: str
+    lines: list[str]
+    comparison: Comparison | None = None
+
+
+def axis_verdict(s: Study, axis: str) -> AxisVerdict:
+    """:func:`sedd_ray.compare.compare` on one ablated axis. A model-size axis is ordered by
+    size (the smallest is the reference); other axes keep the study's level order."""
+    order = level_order(s, axis) if axis == "model" else None
+    try:
+        c = compare(s.trials, axis, blocks=s.blocks, metric=s.metric, order=order)
+    except CompareError as e:
+        return AxisVerdict(axis, [f"no verdict on `{axis}`: {e}"])
+    return AxisVerdict(axis, c.lines(), c)
+
+
+def search_verdict(s: Study) -> AxisVerdict:
+    """A search study compares no levels: its answer is the best config and how sure."""
+    rows, which = comparison_rows(s.trials, s.metric)
+    if rows.empty:
+        return AxisVerdict("search", ["no verdict: no finished trial yet"])
+    y = rows[s.metric].astype(float)
+    if which == "replicate" and len(y) > 1:
+        half = t_quantile(0.975, len(y) - 1) * float(y.std(ddof=1)) / math.sqrt(len(y))
+        src = ", ".join(f"`{t}`" for t in rows["replicate_of"].dropna().astype(str).unique())
+        return AxisVerdict("search", [
+            f"best config (replicates of {src or 'the best trial'}): {s.metric} "
+            f"{y.mean():.3f} nats/token (95% CI {y.mean() - half:.3f} to {y.mean() + half:.3f}; "
+            f"{len(y)} seeds)"])
+    best = rows.loc[y.idxmin()]
+    se = best.get(f"{s.metric}_stderr")
+    se_text = f" ± {se:.3f} evaluation s.e." if se is not None and not _missing(se) else ""
+    return AxisVerdict("search", [
+        f"search study: best trial `{best['trial_id']}` {s.metric} {float(best[s.metric]):.3f} "
+        f"nats/token{se_text}, the minimum over {len(y)} trials (biased low; replicate it "
+        "with --replicates 3 to know how sure)"])
+
+
+def study_verdicts(s: Study) -> list[AxisVerdict]:
+    """One verdict per axis studied; refuses trials of different data (CompareError)."""
+    check_data_identity(s.finished)
+    if s.trials["ablated_axis"].notna().any():
+        return [axis_verdict(s, axis) for axis in s.axes]
+    return [search_verdict(s)]
+
+
+def read_verdicts(report: str | os.PathLike) -> list[str]:
+    """The verdict lines a report starts with (every line before its title)."""
+    lines = []
+    for line in Path(report).read_text().splitlines():
+        if line.startswith("# "):
+            break
+        if line.strip():
+            lines.append(line)
+    return lines
+
+
+def effect_markdown(c: Comparison) -> str:
+    rows = []
+    for e in c.effects:
+        dec = 4 if max(abs(e.low), abs(e.high)) < 0.01 else 3
+        ci = (f"{e.low:+.{dec}f} to {e.high:+.{dec}f}" if math.isfinite(e.low) else "–")
+        ratio_ci = (f"{e.ratio_low:.4g} to {e.ratio_high:.4g}" if math.isfinite(e.low) else "–")
+        rows.append([e.level, f"{e.diff:+.{dec}f}", ci, f"{e.ratio:.4g}", ratio_ci,
+                     f"{e.n_level} / {e.n_reference}", fmt(e.p_value, 2),
+                     "yes" if e.conclusive else "no", e.method])
+    conf = f"{100 * c.effects[0].confidence:.4g}% CI"
+    return markdown_table(
+        [c.axis, f"− {c.reference} (nats/token)", conf, "ppl bound ratio", f"ratio {conf}",
+         "seeds (level / ref.)", "p" + (" (Bonferroni)" if c.adjustment else ""),
+         "conclusive", "method"], rows)
+
+
+def effect_note(s: Study, c: Comparison) -> str:
+    rows = ("the replicate trials (the best tuned config of each level, re-run with fresh "
+            "seeds)" if c.rows == "replicate" else "every finished trial (no replicate phase)")
+    note = (f"Difference = `{c.metric}` of the level minus that of the reference "
+            f"`{c.reference}`, in nats/token (negative: a lower bound, better); ratio = "
+            f"exp(difference), the level's perplexity bound over the reference's. Over {rows}. "
+            "Intervals from `sedd_ray.compare` (method per row): a t-interval over the "
+            "per-seed differences when the seeds pair, Welch's otherwise; they hold seed-to-seed "
+            f"spread and evaluation noise. One seed per level: {EVAL_ONLY}.")
+    if c.adjustment:
+        note += f" {c.adjustment}."
+    if s.blocks is None:
+        note += " No per-block values recorded: seeds pair, blocks do not."
+    return note
+
+
+def _log_positive(r: np.ndarray) -> np.ndarray:
+    """log for the ratio axis's inverse; matplotlib probes it with values <= 0 too."""
+    return np.log(np.clip(np.asarray(r, dtype=float), 1e-300, None))
+
+
+def plot_effects(c: Comparison, path: Path, title: str) -> Path:
+    """Each level's difference from the reference with its CI (nats/token, perplexity
+    bound ratio on the top axis), one dot per seed's difference, a zero line."""
+    plt = _plt()
+    from matplotlib.lines import Line2D
+
+    colors = {"conclusive": "tab:green", "inconclusive": "tab:gray",
+              "evaluation noise only": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7.2, 2.2 + 0.6 * len(c.effects)))
+    ys = np.arange(len(c.effects))[::-1].astype(float)
+    xs: list[float] = [0.0]
+    for y, e in zip(ys, c.effects):
+        kind = ("evaluation noise only" if e.eval_only else
+                "conclusive" if e.conclusive else "inconclusive")
+        err = [[e.diff - e.low], [e.high - e.diff]] if math.isfinite(e.low) else None
+        ax.errorbar([e.diff], [y], xerr=err, fmt="o", ms=7, lw=2.2, capsize=6,
+                    color=colors[kind], zorder=2)
+        if e.per_seed:
+            ax.scatter(e.per_seed, y + np.linspace(-0.08, 0.08, len(e.per_seed)), s=14,
+                       color="black", alpha=0.7, zorder=3)
+        ax.annotate(f"ppl ×{e.ratio:.3g}" + (f" [{e.ratio_low:.3g}, {e.ratio_high:.3g}]"
+                                             if math.isfinite(e.low) else "")
+                    + f", n={e.n_level}/{e.n_reference}", (e.diff, y), xytext=(0, 13),
+                    textcoords="offset points", ha="center", fontsize=8)
+        xs += [v for v in (e.diff, e.low, e.high, *e.per_seed) if math.isfinite(v)]
+    lo, hi = min(xs), max(xs)
+    pad = 0.12 * (hi - lo or 1.0)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(ys.min() - 0.6, ys.max() + 0.7)
+    ax.axvline(0.0, color="black", lw=1)
+    ax.set_yticks(ys, [e.level for e in c.effects])
+    ax.set_xlabel(f"{c.metric}: level − {c.reference} (nats/token; < 0 = better)")
+    top = ax.secondary_xaxis("top", functions=(np.exp, _log_positive))
+    top.set_xlabel(f"perplexity bound ratio (level / {c.reference})", fontsize=8)
+    used = dict.fromkeys("evaluation noise only" if e.eval_only else "conclusive"
+                         if e.conclusive else "inconclusive" for e in c.effects)
+    handles = [Line2D([], [], color=colors[k], marker="o", lw=2, label=k) for k in used]
+    if any(e.per_seed for e in c.effects):
+        handles.append(Line2D([], [], color="black", marker="o", ms=4, lw=0, label="one seed"))
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # --- Optuna importances --------------------------------------------------------------------
 
 def _distribution(values: pd.Series):
@@ -559,13 +795,29 @@ def confounded(study: Study) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def tuning_trials(study: Study) -> tuple[Study, str]:
+    """The study seen through its tuning trials (``phase == "tune"``) when it records
+    phases, and a word for the notes: replicates re-run one chosen config per level with
+    fresh seeds, so they say nothing about which parameters matter."""
+    fin = study.finished
+    if "phase" not in fin or not fin["phase"].notna().any():
+        return study, ""
+    view = copy.copy(study)
+    view.finished = fin[fin["phase"].fillna("tune") == "tune"]  # rows before phases: tuning
+    view.params = varying_params(view.finished)
+    return view, " tuning"
+
+
 def param_importances(study: Study) -> tuple[dict[str, float] | None, str]:
-    """Optuna's importances of the varying parameters for ``val_nll``, and a note saying
-    how they were computed (or why they were not)."""
+    """Optuna's importances of the varying parameters for ``val_nll`` over the tuning
+    trials, and a note saying how they were computed (or why they were not)."""
+    study, which = tuning_trials(study)
     n = len(study.finished)
     if n < MIN_TRIALS_FOR_IMPORTANCE:
         return None, (f"Too few finished trials for parameter importances ({n}; need at least "
-                      f"{MIN_TRIALS_FOR_IMPORTANCE}). Run more trials per level.")
+                      f"{MIN_TRIALS_FOR_IMPORTANCE}). Run more trials per level."
+                      + (" Only tuning trials count (replicates re-run one config)."
+                         if which else ""))
     if not study.params:
         return None, "No parameter varied between finished trials: nothing to rank."
     import optuna
@@ -584,7 +836,7 @@ def param_importances(study: Study) -> tuple[dict[str, float] | None, str]:
         except (ValueError, RuntimeError) as e:
             return None, f"Optuna could not compute importances: {e}"
     note = (f"`optuna.importance.get_param_importances` with `PedAnovaImportanceEvaluator"
-            f"(target_quantile={q:.2g})` over {n} finished trials rebuilt from Parquet "
+            f"(target_quantile={q:.2g})` over {n} finished{which} trials rebuilt from Parquet "
             f"(objective `{METRIC}`, minimised); distributions inferred from the values.")
     tied = confounded(study)
     if tied:
@@ -655,50 +907,19 @@ def _rel(path: Path, base: Path) -> str:
 def write_report(storage: str | os.PathLike, study: str | None = None,
                  out_dir: str | os.PathLike | None = None) -> Path:
     """Analyse a study and write ``report.md`` (and PNGs) into ``out_dir`` (default: the
-    study directory, or ``reports/<study>`` for remote storage). Returns the report path."""
+    study directory, or ``reports/<study>`` for remote storage). Returns the report path.
+    The report's first lines are its verdicts (:func:`read_verdicts` reads them back).
+    Raises CompareError, writing nothing, for trials of different data identities."""
     s = load_study(storage, study)
+    verdicts = study_verdicts(s)  # refuses before anything is written
     out = Path(out_dir) if out_dir else (s.local_dir or Path("reports") / s.name)
     out.mkdir(parents=True, exist_ok=True)
-    md: list[str] = [f"# Study `{s.name}`", ""]
-    hours = s.trials["device_hours"].astype(float).sum() if "device_hours" in s.trials else 0.0
-    md += [
-        f"- trials: {len(s.trials)} ({_status_line(s.trials)}); finished with a bound: "
-        f"{len(s.finished)}",
-        f"- ablated axis: `{s.axes[0]}`" if s.trials["ablated_axis"].notna().any()
-        else "- search study (no ablated axis)",
-        "- other parameters that varied: "
-        + (", ".join(f"`{p}`" for p in s.params if p not in s.axes) or "none"),
-        f"- device hours: {hours:.3g}",
-        f"- source: `{s.layout.trials_file}` and `{s.layout.relative(s.layout.history_dir)}/`, read "
-        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "",
-        f"`{BOUND}` = exp(best validation `val_nll`), an upper bound on the validation "
-        "perplexity from the diffusion ELBO (lower is better). Each trial contributes its best "
-        "evaluation; mean and standard error (sample s.d. / √n) are over the n finished trials "
-        "of a level.",
-        "",
-    ]
-    if s.trials.empty:
-        md += ["No trials recorded yet.", ""]
-    for axis in s.axes:
-        rows = level_table(s, axis)
-        md += [f"## `{axis}`", "", level_markdown(rows, axis), ""]
-        if s.finished.empty:
-            continue
-        bars = plot_bars(s, axis, rows, out / f"{axis}_bars.png")
-        md += [f"![{axis}: bound per level]({_rel(bars, out)})", ""]
-        if s.finished.get("true_nll") is not None and s.finished["true_nll"].notna().any():
-            p = plot_bound_vs_entropy(s, axis, rows, out / f"{axis}_bound_vs_entropy.png")
-            md += ["Bound vs the exact entropy of the synthetic source (the floor no model "
-                   "beats):", "", f"![bound vs entropy]({_rel(p, out)})", ""]
-        if axis == "model":
-            md += scaling_section(s, axis, out)
-    if not s.axes and not s.finished.empty:
-        top = s.finished.sort_values(METRIC).head(10)
-        md += ["## Best trials", "", markdown_table(
-            ["trial", BOUND, "config"],
-            [[f"`{r.trial_id}`", fmt(r[BOUND]), config_text(r, s.params)] for _, r in top.iterrows()]
-        ), ""]
+    md: list[str] = []
+    for v in verdicts:
+        md += [line for text in v.lines for line in (text, "")]
+    md += header_section(s)
+    md += effects_section(s, verdicts, out)
+    md += axes_sections(s, out)
     curve_axis = s.axes[0] if s.axes else None
     curves = plot_curves(s, curve_axis, out / "learning_curves.png")
     md += ["## Learning curves", ""]
@@ -721,6 +942,80 @@ def write_report(storage: str | os.PathLike, study: str | None = None,
     path = out / REPORT
     path.write_text("\n".join(md))
     return path
+
+
+def header_section(s: Study) -> list[str]:
+    hours = s.trials["device_hours"].astype(float).sum() if "device_hours" in s.trials else 0.0
+    phases = ""
+    if "phase" in s.finished and s.finished["phase"].notna().any():
+        counts = s.finished["phase"].fillna("?").value_counts()
+        order = sorted(counts.index, key=lambda p: (p != "tune", p != "replicate", p))
+        phases = " (" + ", ".join(f"{counts[p]} {p}" for p in order) + ")"
+    if s.metric == FINAL:
+        meaning = (f"`{METRIC}` of a finished trial is its final evaluation (`{FINAL}`: the final "
+                   "EMA weights on the study's common validation blocks and time draws, with its "
+                   f"standard error); `{BOUND}` = exp(`{METRIC}`)")
+    else:
+        meaning = f"`{BOUND}` = exp(best validation `{METRIC}`)"
+    return [
+        f"# Study `{s.name}`", "",
+        f"- trials: {len(s.trials)} ({_status_line(s.trials)}); finished with a bound: "
+        f"{len(s.finished)}{phases}",
+        f"- ablated axis: `{s.axes[0]}`" if s.trials["ablated_axis"].notna().any()
+        else "- search study (no ablated axis)",
+        "- other parameters that varied: "
+        + (", ".join(f"`{p}`" for p in s.params if p not in s.axes) or "none"),
+        f"- device hours: {hours:.3g}",
+        f"- source: `{s.layout.trials_file}` and `{s.layout.relative(s.layout.history_dir)}/`, read "
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"{meaning}, an upper bound on the validation perplexity from the diffusion ELBO (lower "
+        "is better)." + ("" if s.metric == FINAL else " Each trial contributes its best "
+                         "evaluation (older results: no final evaluation recorded).")
+        + " In the level tables, mean and standard error (sample s.d. / √n) are over the n "
+        "finished trials of a level, every phase together.",
+        "",
+    ]
+
+
+def effects_section(s: Study, verdicts: Sequence[AxisVerdict], out: Path) -> list[str]:
+    """Per compared axis: the effect table, how it was computed, and the effect plot."""
+    md: list[str] = []
+    for v in verdicts:
+        c = v.comparison
+        if c is None:
+            continue
+        conf = f"{100 * c.effects[0].confidence:.4g}% CI" + (", Bonferroni" if c.adjustment else "")
+        p = plot_effects(c, out / f"{v.axis}_effects.png",
+                         f"{s.name}: effect of {v.axis} against {c.reference} ({conf})")
+        md += [f"## Effect of `{v.axis}` against `{c.reference}`", "", effect_markdown(c), "",
+               effect_note(s, c), "", f"![{v.axis}: effects]({_rel(p, out)})", ""]
+    return md
+
+
+def axes_sections(s: Study, out: Path) -> list[str]:
+    """Per axis: the level table, the bar chart, and the axis-specific plots."""
+    md: list[str] = ["No trials recorded yet.", ""] if s.trials.empty else []
+    for axis in s.axes:
+        rows = level_table(s, axis)
+        md += [f"## `{axis}`", "", level_markdown(rows, axis), ""]
+        if s.finished.empty:
+            continue
+        bars = plot_bars(s, axis, rows, out / f"{axis}_bars.png")
+        md += [f"![{axis}: bound per level]({_rel(bars, out)})", ""]
+        if s.finished.get("true_nll") is not None and s.finished["true_nll"].notna().any():
+            p = plot_bound_vs_entropy(s, axis, rows, out / f"{axis}_bound_vs_entropy.png")
+            md += ["Bound vs the exact entropy of the synthetic source (the floor no model "
+                   "beats):", "", f"![bound vs entropy]({_rel(p, out)})", ""]
+        if axis == "model":
+            md += scaling_section(s, axis, out)
+    if not s.axes and not s.finished.empty:
+        top = s.finished.sort_values(METRIC).head(10)
+        md += ["## Best trials", "", markdown_table(
+            ["trial", BOUND, "config"],
+            [[f"`{r.trial_id}`", fmt(r[BOUND]), config_text(r, s.params)] for _, r in top.iterrows()]
+        ), ""]
+    return md
 
 
 def scaling_section(s: Study, axis: str, out: Path) -> list[str]:
@@ -781,9 +1076,10 @@ def main(argv: list[str] | None = None) -> int:
         storage, study = args.storage or "results", args.study
     try:
         path = write_report(storage, study, args.out)
-    except ResultsError as e:
+    except (ResultsError, CompareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print("\n".join(read_verdicts(path)))  # the answer first
     print(f"report: {path}")
     return 0
 
