@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from sedd_ray.results import FINISHED_STATUSES
+from sedd_ray.results import FINISHED_STATUSES, ResultsError, same_data_identity
 
 __all__ = [
     "CompareError",
@@ -288,16 +288,12 @@ class Comparison:
 
 def check_data_identity(trials: pd.DataFrame) -> None:
     """Refuse rows measured on different data (corpus, split, tokenizer): their nats/token
-    do not compare. Rows without a ``data_identity`` (older Parquet) are not checked."""
-    if "data_identity" not in trials:
-        return
-    counts = trials["data_identity"].dropna().astype(str).value_counts()
-    if len(counts) > 1:
-        seen = ", ".join(f"{k} in {n} trial{'s' if n != 1 else ''}" for k, n in counts.items())
-        raise CompareError(
-            f"refusing to compare trials measured on different data (data_identity {seen}): "
-            "nats/token on different corpora, splits or tokenizers do not compare; compare "
-            "trials of one data identity (one study with one data.split_seed)")
+    do not compare (:func:`sedd_ray.results.same_data_identity`, as a CompareError). Rows
+    without a ``data_identity`` (older Parquet) are not checked."""
+    try:
+        same_data_identity(trials)
+    except ResultsError as e:
+        raise CompareError(f"refusing to compare: {e}") from None
 
 
 def _finished(trials: pd.DataFrame, metric: str) -> np.ndarray:
