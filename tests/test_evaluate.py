@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
+
 from sedd_ray import evaluate
 from sedd_ray.results import read_evals
 
@@ -178,3 +178,41 @@ def test_smoke_test_runs(capfd):
     rc, out, err = _run(capfd, ["--smoke-test"])
     assert rc == 0, err
     assert "nll_bound" in out and "truth_nll" in out and "new row(s)" in out
+
+
+# --- many checkpoints of a study as Ray tasks (CPU only) -------------------------------------
+
+def test_all_trials_of_a_study_as_ray_tasks(text_ckpt, markov_ckpt, tmp_path, capfd):
+    """Two finished trials (and one running, skipped) evaluated as Ray tasks; the rows
+    carry study and trial ids and land in the study's evals.parquet; --trial best too."""
+    import shutil
+
+    import ray
+
+    from sedd_ray.layout import StudyLayout
+    from sedd_ray.results import ResultsWriter
+
+    storage = tmp_path / "results"
+    copy = tmp_path / "copy"  # the same weights in another run folder: another checkpoint
+    shutil.copytree(markov_ckpt.parent.parent, copy)
+    with ResultsWriter(storage, "s") as w:
+        w.upsert_trial({"trial_id": "t1", "status": "terminated", "val_nll": 3.0,
+                        "checkpoint_path": str(markov_ckpt)})
+        w.upsert_trial({"trial_id": "t2", "status": "terminated", "val_nll": 2.0,
+                        "checkpoint_path": str(copy)})
+        w.upsert_trial({"trial_id": "t3", "status": "running", "checkpoint_path": None})
+    try:
+        rc, out, err = _run(capfd, ["--storage", str(storage), "--study", "s", "--all-trials",
+                                    "--ray", "--corpus", "markov:vocab=8", *FAST])
+    finally:
+        ray.shutdown()
+    assert rc == 0, err
+    evals = StudyLayout(str(storage), "s").evals_file
+    df = read_evals(evals)
+    bound = df[df["metric"] == "nll_bound"]
+    assert sorted(bound["trial_id"]) == ["t1", "t2"] and set(bound["study"]) == {"s"}
+    # the same weights with the same draws give the same number
+    assert bound["value"].nunique() == 1
+    rc, out, err = _run(capfd, ["--storage", str(storage), "--trial", "best", "--corpus",
+                                "markov:vocab=8", *FAST])
+    assert rc == 0 and "0 new row(s)" in out, out
