@@ -320,6 +320,8 @@ class EvalSettings:
     length: int | None = None  # default: the model's seq_len
     sample_seed: int = 0
     eval_lm: str | None = None
+    cache: str = "batch"  # the RADD denoiser cache of a time-independent model
+
 
     def bound_settings(self, corpus: EvalCorpus) -> dict[str, Any]:
         return {"kind": "bound", "blocks": self.blocks, "draws": self.draws, "seed": self.seed,
@@ -330,6 +332,8 @@ class EvalSettings:
         out = {"kind": "samples", "samples": self.samples, "steps": self.steps,
                "predictor": self.predictor, "length": self.length, "seed": self.sample_seed,
                "precision": self.precision, "eval_lm": self.eval_lm}
+        if self.cache != "batch":  # "batch" gives the uncached samples exactly
+            out["cache"] = self.cache
         return out if source is None else {**out, "source": source.identity}
 
 
@@ -434,7 +438,7 @@ def quality_rows(ref: ModelRef, loaded: Any, settings: EvalSettings, sources: li
     with _autocast(loaded, settings.precision):
         x = quality.sample_tokens(loaded, num_samples=settings.samples, length=length,
                                   steps=settings.steps, predictor=settings.predictor,
-                                  seed=settings.sample_seed)
+                                  seed=settings.sample_seed, cache=settings.cache)
     wall = time.perf_counter() - t0
     s = settings.sample_settings()
     stats: dict[str, Any] = {"sample_entropy": (quality.unigram_entropy(x), "nats"),
