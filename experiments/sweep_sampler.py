@@ -143,7 +143,6 @@ def plot(out: str, checkpoint: str, png: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sedd_ray import evaluate as ev
     from sedd_ray.checkpoint import CheckpointError
     from sedd_ray.config import ConfigError
     from sedd_ray.results import ResultsError

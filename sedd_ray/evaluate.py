@@ -544,11 +544,7 @@ def plan(refs: list[ModelRef], corpora: list[EvalCorpus], settings: EvalSettings
         job = Job(ref, [c for c in corpora if (ref.checkpoint, c.spec, settings_key(
             settings.bound_settings(c))) not in done])
         if settings.samples:
-            own = _own_corpus(ref)
-            sources = [c for c in corpora if c.synthetic is not None]
-            if own and own not in {c.spec for c in sources} and ":" in own:
-                extra = resolve_corpus(own)
-                sources += [extra] if extra.synthetic is not None else []
+            sources = _truth_sources(ref, corpora)
             job.sources = [s for s in sources if (ref.checkpoint, s.spec, settings_key(
                 settings.sample_settings(s))) not in done]
             key = settings_key(settings.sample_settings())
@@ -556,6 +552,21 @@ def plan(refs: list[ModelRef], corpora: list[EvalCorpus], settings: EvalSettings
         if job.corpora or job.samples:
             jobs.append(job)
     return jobs
+
+
+def _truth_sources(ref: ModelRef, corpora: list[EvalCorpus]) -> list[EvalCorpus]:
+    """The synthetic sources whose exact NLL the samples get: those in ``--corpus``, and
+    the model's own training source (once: a size such as ``blocks=`` is not a new one)."""
+    sources = [c for c in corpora if c.synthetic is not None]
+    from sedd_ray.synthetic import SOURCES
+
+    own = _own_corpus(ref)
+    if own and own.partition(":")[0] in SOURCES:
+        extra = resolve_corpus(own)
+        if not any(type(c.synthetic) is type(extra.synthetic)
+                   and c.synthetic.params() == extra.synthetic.params() for c in sources):
+            sources.append(extra)
+    return sources
 
 
 def finished(path: str) -> set[tuple[str, str, str]]:
