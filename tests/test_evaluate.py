@@ -216,3 +216,20 @@ def test_all_trials_of_a_study_as_ray_tasks(text_ckpt, markov_ckpt, tmp_path, ca
     rc, out, err = _run(capfd, ["--storage", str(storage), "--trial", "best", "--corpus",
                                 "markov:vocab=8", *FAST])
     assert rc == 0 and "0 new row(s)" in out, out
+
+
+def test_append_evals_skips_known_keys_and_refuses_unknown_columns(tmp_path):
+    from sedd_ray.results import ResultsError, append_evals
+
+    path = str(tmp_path / "e" / "evals.parquet")
+    assert read_evals(path).empty
+    row = {"checkpoint": "/c", "corpus": "x", "metric": "nll_bound", "value": 1.5,
+           "stderr": 0.1, "n": 4, "settings": "{}", "settings_key": "k", "step": 3}
+    assert append_evals(path, [row, dict(row)]) == 1
+    assert append_evals(path, [row, {**row, "metric": "ppl_bound"}]) == 1
+    df = read_evals(path)
+    assert list(df["metric"]) == ["nll_bound", "ppl_bound"] and df["step"].tolist() == [3, 3]
+    with pytest.raises(ResultsError, match="unknown columns"):
+        append_evals(path, [{**row, "metric": "m", "oops": 1}])
+    assert len(read_evals(path)) == 2
+    assert [p.name for p in (tmp_path / "e").iterdir()] == ["evals.parquet"]  # no temp left
