@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -78,7 +79,8 @@ def measure(device: str, repeats: int) -> dict:
             "sample_tokens_per_s": samples * seq_len / s, "repeats": repeats,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "when": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+            "load_average": os.getloadavg()[0]}
 
 
 def markdown(r: dict) -> str:
@@ -88,7 +90,9 @@ def markdown(r: dict) -> str:
         "",
         f"`python benchmarks/eval_throughput.py --device {r['device']}`, {r['when'][:16]} UTC, "
         f"torch {r['torch']}; model `{r['model']}` ({r['n_params']:,} parameters), absorbing "
-        f"graph, seq_len {r['seq_len']}, vocabulary {r['vocab']}; median of {r['repeats']}.",
+        f"graph, seq_len {r['seq_len']}, vocabulary {r['vocab']}; median of {r['repeats']}; "
+        f"1-minute load average {r['load_average']:.1f} when it finished (a shared machine "
+        "is slower: small batches, as sampling uses, suffer most).",
         "",
         "| what | settings | wall (s) | throughput |",
         "|---|---|---:|---:|",
