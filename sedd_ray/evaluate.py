@@ -22,8 +22,8 @@ corpus          text evaluated                              detokeniser
 ==============  ==========================================  ==============================
 wikitext2/103   Hub ``Salesforce/wikitext`` raw, test split,  ``wikitext`` (SEDD/GPT-2's
                 one document per article                      ``wt_detokenizer``)
-ptb             Hub ``ptb_text_only``, test split, one        ``ptb`` (SEDD's
-                document per sentence                         ``ptb_detokenizer``)
+ptb             Hub ``ptb-text-only/ptb_text_only``, test,    ``ptb`` (SEDD's
+                one document per sentence                     ``ptb_detokenizer``)
 lambada         Hub ``EleutherAI/lambada_openai``, test,      ``lambada`` (curly quotes ->
                 one document per passage                      ``"``, stripped)
 text:PATH       every ``.txt`` file, whole (pass held-out     none
@@ -189,7 +189,8 @@ def _wikitext(n: str) -> Callable[[], EvalCorpus]:
 
 BENCHMARKS.register("wikitext2")(_wikitext("2"))
 BENCHMARKS.register("wikitext103")(_wikitext("103"))
-BENCHMARKS.register("ptb")(lambda: _hub_corpus("ptb", "ptb_text_only", None, "sentence", "ptb",
+BENCHMARKS.register("ptb")(lambda: _hub_corpus("ptb", "ptb-text-only/ptb_text_only", None,
+                                               "sentence", "ptb",
                                                list, "sentence"))
 BENCHMARKS.register("lambada")(lambda: _hub_corpus(
     "lambada", "EleutherAI/lambada_openai", "default", "text", "lambada", list, "passage"))
