@@ -40,8 +40,9 @@ def sweep_trial(config: dict[str, Any]) -> None:
 
     from sedd_ray import evaluate as ev
 
-    settings = ev.EvalSettings(**config["settings"], predictor=config["predictor"],
-                               steps=config["steps"], cache=config["cache"])
+    point = config["point"]
+    settings = ev.EvalSettings(**config["settings"], predictor=point["predictor"],
+                               steps=point["steps"], cache=point["cache"])
     job = ev.Job(ev.ModelRef(**config["ref"]), samples=True,
                  sources=[ev.resolve_corpus(s) for s in config["sources"]])
     t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def run_sweep(args: argparse.Namespace, ref: Any, sources: list[str], base: dict
     device = "cuda" if args.gpus_per_trial > 0 else "cpu"
     space = {"point": tune.grid_search(grid), "ref": ref.__dict__, "sources": sources,
              "settings": base, "device": device}
-    trainable = tune.with_resources(lambda c: sweep_trial({**c, **c["point"]}),
+    trainable = tune.with_resources(sweep_trial,
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
         name="sampler-sweep", storage_path=str(Path(out).parent / "tune"), verbose=0))
@@ -78,27 +79,35 @@ def run_sweep(args: argparse.Namespace, ref: Any, sources: list[str], base: dict
     return added
 
 
-def _grid(args: argparse.Namespace, base: dict[str, Any], ref: Any, sources: list[Any],
-          out: str) -> list[dict[str, Any]]:
-    """The (predictor, steps, cache) points whose rows are missing from ``out``."""
+def _points(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (predictor, steps, cache) of the flags, checked."""
     from sedd_ray import evaluate as ev
     from sedd_ray.cli import int_list, name_list
     from sedd_ray.diffusion import PREDICTORS, DenoiserScore
 
+    predictors = name_list(args.predictors, "--predictors", choices=PREDICTORS.names())
+    steps = int_list(args.steps, "--steps", example="8,32,128")
+    if not steps or min(steps) < 1:
+        raise ev.EvalInputError(f"--steps must be >= 1 each, got {args.steps!r}")
+    caches = name_list(args.caches, "--caches", choices=DenoiserScore.MODES)
+    return [{"predictor": p, "steps": n, "cache": c}
+            for p in predictors for n in steps for c in caches]
+
+
+def _missing(points: list[dict[str, Any]], base: dict[str, Any], ref: Any, sources: list[Any],
+             out: str) -> list[dict[str, Any]]:
+    """The points whose rows are not all in ``out`` yet."""
+    from sedd_ray import evaluate as ev
+
     done = ev.finished(out)
-    points = []
-    for p in name_list(args.predictors, "--predictors", choices=PREDICTORS.names()):
-        for s in int_list(args.steps, "--steps", example="8,32,128"):
-            if s < 1:
-                raise ev.EvalInputError(f"--steps must be >= 1, got {s}")
-            for c in name_list(args.caches, "--caches", choices=DenoiserScore.MODES):
-                settings = ev.EvalSettings(**base, predictor=p, steps=s, cache=c)
-                keys = [("samples", settings.sample_settings())] + [
-                    (src.spec, settings.sample_settings(src)) for src in sources]
-                if any((ref.checkpoint, corpus, ev.settings_key(st)) not in done
-                       for corpus, st in keys):
-                    points.append({"predictor": p, "steps": s, "cache": c})
-    return points
+    left = []
+    for point in points:
+        settings = ev.EvalSettings(**base, **point)
+        keys = [("samples", settings.sample_settings())] + [
+            (src.spec, settings.sample_settings(src)) for src in sources]
+        if any((ref.checkpoint, corpus, ev.settings_key(st)) not in done for corpus, st in keys):
+            left.append(point)
+    return left
 
 
 def plot(out: str, checkpoint: str, png: Path) -> Path:
@@ -176,18 +185,18 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any], 
     from sedd_ray import evaluate as ev
     from sedd_ray import quality
 
+    points = _points(args)
+    if args.samples < 2:
+        raise ev.EvalInputError(f"--samples must be >= 2 (a standard error), got {args.samples}")
     args.all_trials = False
     refs, out = ev.resolve_models(args)
     ref = refs[0]
-    if args.samples < 2:
-        raise ev.EvalInputError(f"--samples must be >= 2 (a standard error), got {args.samples}")
+    ev.model_tokenizer(ref)  # a missing or broken checkpoint fails here, not in a trial
     lm = quality.load_eval_lm(args.eval_lm) if args.eval_lm else None
     base = {"samples": args.samples, "length": args.length, "sample_seed": args.seed,
             "eval_lm": lm.name if lm else None}
-    own = ev._own_corpus(ref)
-    sources = [c for c in ([ev.resolve_corpus(own)] if own and ":" in own else [])
-               if c.synthetic is not None]
-    return ref, sources, base, _grid(args, base, ref, sources, out), out
+    sources = ev.truth_sources(ref, [])
+    return ref, sources, base, _missing(points, base, ref, sources, out), out
 
 
 def _smoke(args: argparse.Namespace, tmp: str) -> None:
@@ -196,8 +205,8 @@ def _smoke(args: argparse.Namespace, tmp: str) -> None:
     args.samples, args.steps = 16, "1,4,16"
     args.predictors, args.caches = "analytic,euler", "batch"
     if not (args.checkpoint or args.study or args.trial != "best"):
-        args.checkpoint = ev._smoke_checkpoint(tmp)
-        args.evals = os.path.join(tmp, "evals.parquet")
+        args.checkpoint = ev.smoke_checkpoint(tmp)
+        args.evals = args.evals or os.path.join(tmp, "evals.parquet")
 
 
 def _parser() -> argparse.ArgumentParser:

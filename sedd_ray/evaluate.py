@@ -545,7 +545,7 @@ def plan(refs: list[ModelRef], corpora: list[EvalCorpus], settings: EvalSettings
         job = Job(ref, [c for c in corpora if (ref.checkpoint, c.spec, settings_key(
             settings.bound_settings(c))) not in done])
         if settings.samples:
-            sources = _truth_sources(ref, corpora)
+            sources = truth_sources(ref, corpora)
             job.sources = [s for s in sources if (ref.checkpoint, s.spec, settings_key(
                 settings.sample_settings(s))) not in done]
             key = settings_key(settings.sample_settings())
@@ -555,7 +555,7 @@ def plan(refs: list[ModelRef], corpora: list[EvalCorpus], settings: EvalSettings
     return jobs
 
 
-def _truth_sources(ref: ModelRef, corpora: list[EvalCorpus]) -> list[EvalCorpus]:
+def truth_sources(ref: ModelRef, corpora: list[EvalCorpus]) -> list[EvalCorpus]:
     """The synthetic sources whose exact NLL the samples get: those in ``--corpus``, and
     the model's own training source (once: a size such as ``blocks=`` is not a new one)."""
     sources = [c for c in corpora if c.synthetic is not None]
@@ -628,7 +628,7 @@ def _settings(args: argparse.Namespace) -> EvalSettings:
                         eval_lm=args.eval_lm)
 
 
-def _smoke_checkpoint(tmp: str) -> str:
+def smoke_checkpoint(tmp: str) -> str:
     """A throwaway model for ``--smoke-test`` with no model given: the smoke preset on a
     small Markov source, trained in-process for a few steps (seconds)."""
     from sedd_ray.config import apply_params, preset
@@ -717,7 +717,7 @@ def _smoke_args(args: argparse.Namespace, tmp: str) -> None:
     Markov source evaluated on that source (rows in the temporary folder)."""
     args.blocks, args.draws, args.samples, args.steps = 8, 2, args.samples or 4, 4
     if not (args.checkpoint or args.study or args.trial != "best"):
-        args.checkpoint = _smoke_checkpoint(tmp)
+        args.checkpoint = smoke_checkpoint(tmp)
         args.corpus = args.corpus or "markov:vocab=8,order=1,sharpness=2"
         args.evals = args.evals or os.path.join(tmp, "evals.parquet")
 
