@@ -117,6 +117,7 @@ def plot(out: str, checkpoint: str, png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
+    from matplotlib.ticker import NullFormatter
 
     from sedd_ray.results import read_evals
 
@@ -131,16 +132,17 @@ def plot(out: str, checkpoint: str, png: Path) -> Path:
     for row, metric in zip(axes, metrics):
         part = df[df["metric"] == metric]
         for line, g in part.groupby("line"):
-            g = g.sort_values("steps")
-            sec = [secs.get((line, st), float("nan")) for st in g["steps"]]
-            for ax, x in ((row[0], g["steps"]), (row[1], sec)):
-                ax.errorbar(x, g["value"], yerr=2 * g["stderr"].fillna(0), marker="o",
+            g = g.assign(sec=[secs.get((line, st), float("nan")) for st in g["steps"]])
+            for ax, x in ((row[0], "steps"), (row[1], "sec")):
+                g = g.sort_values(x)
+                ax.errorbar(g[x], g["value"], yerr=2 * g["stderr"].fillna(0), marker="o",
                             capsize=3, label=line)
         ref = part["reference"].dropna()
         for ax, xlabel in ((row[0], "sampling steps"), (row[1], "seconds per sample")):
             if len(ref):
                 ax.axhline(ref.iloc[0], ls="--", c="k", label="source entropy (exact)")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{metric} ({part['unit'].iloc[0]})")
             ax.legend(fontsize=8)
