@@ -323,7 +323,6 @@ class EvalSettings:
     eval_lm: str | None = None
     cache: str = "batch"  # the RADD denoiser cache of a time-independent model
 
-
     def bound_settings(self, corpus: EvalCorpus) -> dict[str, Any]:
         return {"kind": "bound", "blocks": self.blocks, "draws": self.draws, "seed": self.seed,
                 "precision": self.precision, "corpus": corpus.identity,
@@ -660,15 +659,17 @@ def _prepare(args: argparse.Namespace) -> tuple[EvalSettings, list[ModelRef], li
     return settings, refs, jobs, out, corpora
 
 
-def _report(path: str, refs: set[str], corpora: list[EvalCorpus], settings: EvalSettings) -> None:
+def _report(path: str, refs: list[ModelRef], corpora: list[EvalCorpus],
+            settings: EvalSettings) -> None:
     """The rows of these checkpoints for these settings, one line each."""
     from sedd_ray.results import read_evals
 
     df = read_evals(path)
     keys = {settings_key(settings.bound_settings(c)) for c in corpora}
-    keys |= {settings_key(settings.sample_settings(c)) for c in corpora}
     keys.add(settings_key(settings.sample_settings()))
-    df = df[df["checkpoint"].isin(refs) & df["settings_key"].isin(keys)]
+    for ref in refs if settings.samples else []:
+        keys |= {settings_key(settings.sample_settings(c)) for c in truth_sources(ref, corpora)}
+    df = df[df["checkpoint"].isin({r.checkpoint for r in refs}) & df["settings_key"].isin(keys)]
     for c in corpora:
         print(f"# zero-shot {c.describe}")
     for r in df.itertuples(index=False):
@@ -706,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, CheckpointError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        _report(out, {r.checkpoint for r in refs}, corpora, settings)
+        _report(out, refs, corpora, settings)
         print(f"{added} new row(s) in {out} ({len(jobs)} checkpoint(s) evaluated, "
               f"{time.perf_counter() - t0:.1f}s); finished evaluations are not recomputed")
     return 0
