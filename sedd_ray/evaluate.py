@@ -597,7 +597,11 @@ def run_jobs(jobs: list[Job], settings: EvalSettings, args: argparse.Namespace,
     added = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        added += write(ray.get(ready[0]))
+        try:
+            rows = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as err:  # the task's own error (a DataError...)
+            raise err.as_instanceof_cause() from None
+        added += write(rows)
     return added
 
 
