@@ -2,7 +2,8 @@
 # The GPU figures of issue 8, in under 8 minutes on one H100/H200:
 #   bf16 training throughput with MFU (small, medium; batch 16 x 1024, random tokens),
 #   torch.compile on/off, fused vs unfused score entropy and sampler (before/after),
-#   sampling throughput, and the cached RADD sampler against the plain one.
+#   sampling throughput, and the cached RADD sampler against the plain one; then the
+#   evaluation throughput of python -m sedd_ray.evaluate (EVAL_GPU.md).
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]     # writes OUT_DIR/RESULTS_GPU.md, .json and gpu.log
 #
@@ -46,5 +47,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=cs
 timeout 470 "$PY" benchmarks/run.py --gpu --out "$DEST/RESULTS_GPU.md" --timeout 420 \
   2>&1 | tee -a "$DEST/gpu.log"
 rc=${PIPESTATUS[0]}
+# issue 16: evaluation throughput (bound tokens/s in bf16, samples/s), ~1 minute
+timeout 120 "$PY" benchmarks/eval_throughput.py --device cuda --out "$DEST/EVAL_GPU.md" \
+  2>&1 | tee -a "$DEST/gpu.log" || rc=1
 echo "gpu.sh: exit $rc; results in $DEST/RESULTS_GPU.md" | tee -a "$DEST/gpu.log"
 exit "$rc"

@@ -3,6 +3,7 @@
 A study (``StudyLayout(storage, study)``)::
 
     <storage>/<study>/trials.parquet                          one row per trial (results.py)
+    <storage>/<study>/evals.parquet                           evaluations (sedd_ray.evaluate)
     <storage>/<study>/history/part-<trial>-<seq>.parquet      per-step rows (results.py)
     <storage>/<study>/tune/                                   Ray Tune's experiment state
     <storage>/<study>/train/<trial>/                          the trial's Ray Train run
@@ -29,7 +30,17 @@ from pathlib import Path
 
 from sedd_ray.io import join, local_path
 
-__all__ = ["RunLayout", "StudyLayout", "TrainerFiles"]
+__all__ = ["RunLayout", "StudyLayout", "TrainerFiles", "evals_beside"]
+
+
+EVALS_FILE = "evals.parquet"
+
+
+def evals_beside(checkpoint_dir: str | os.PathLike) -> str:
+    """Where ``python -m sedd_ray.evaluate --checkpoint DIR`` writes its rows: next to the
+    checkpoint folder (``.../checkpoints/evals.parquet``), never inside it (a checkpoint's
+    files are checksummed)."""
+    return join(os.fspath(checkpoint_dir).rstrip("/").rpartition("/")[0] or ".", EVALS_FILE)
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,11 @@ class StudyLayout:
     @property
     def trials_file(self) -> str:
         return join(self.dir, "trials.parquet")
+
+    @property
+    def evals_file(self) -> str:
+        """One row per (checkpoint, corpus, metric, settings): ``sedd_ray.evaluate``."""
+        return join(self.dir, EVALS_FILE)
 
     @property
     def history_dir(self) -> str:

@@ -78,6 +78,7 @@ from sedd_ray.layout import StudyLayout
 from sedd_ray.values import coerce
 
 __all__ = [
+    "EVALS_SCHEMA",
     "FINISHED_STATUSES",
     "HISTORY_SCHEMA",
     "STATUSES",
@@ -85,11 +86,13 @@ __all__ = [
     "ResultsError",
     "ResultsWriter",
     "BLOCKS_SCHEMA",
+    "append_evals",
     "best_trial",
     "config_columns",
     "get_trial",
     "list_studies",
     "read_blocks",
+    "read_evals",
     "read_history",
     "read_trials",
     "resolve_study",
@@ -1098,3 +1101,74 @@ def same_data_identity(trials: pd.DataFrame) -> str:
             "of one data identity (the same corpus, data.split_seed, fractions and tokenizer)"
         )
     return str(counts.index[0]) if len(counts) else ""
+# --- evaluations (sedd_ray.evaluate) ---------------------------------------------------------
+
+# One row per (checkpoint, corpus, metric, settings). ``settings`` is a JSON object of what
+# decides the number (draws, blocks, seed, seq_len, detokeniser, sampler, eval LM ...) and
+# ``settings_key`` its hash: a row is "done" when (checkpoint, corpus, settings_key, metric)
+# is present. ``reference`` is the exact value the metric is compared with, where one is
+# known (a synthetic source's entropy per token), else null.
+EVALS_SCHEMA = pa.schema(
+    [
+        pa.field("study", pa.string()),
+        pa.field("trial_id", pa.string()),
+        pa.field("checkpoint", pa.string(), nullable=False),
+        pa.field("step", pa.int64()),
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("stderr", pa.float64()),
+        pa.field("n", pa.int64()),  # blocks (bound) or samples (quality) behind the value
+        pa.field("unit", pa.string()),
+        pa.field("reference", pa.float64()),
+        pa.field("seed", pa.int64()),
+        pa.field("eval_lm", pa.string()),
+        pa.field("settings", pa.string(), nullable=False),
+        pa.field("settings_key", pa.string(), nullable=False),
+        pa.field("wall_time_s", pa.float64()),
+        pa.field("created_at", _UTC_US),
+    ],
+    metadata={"sedd_ray.table": "evals", "sedd_ray.schema_version": "1"},
+)
+EVALS_KEY = ("checkpoint", "corpus", "settings_key", "metric")
+
+
+def _evals_table(path: str | os.PathLike) -> pa.Table:
+    fs, where, _ = filesystem(path)
+    if _exists(fs, where) != pafs.FileType.File:
+        return EVALS_SCHEMA.empty_table()
+    return _conform(_read_file(fs, where), EVALS_SCHEMA, where).select(EVALS_SCHEMA.names)
+
+
+def read_evals(path: str | os.PathLike) -> pd.DataFrame:
+    """Every row of an ``evals.parquet`` (:data:`EVALS_SCHEMA`); empty if there is none."""
+    return _evals_table(path).to_pandas()
+
+
+def append_evals(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Add ``rows`` to the ``evals.parquet`` at ``path``; returns how many were new.
+
+    A row whose :data:`EVALS_KEY` is already in the file is skipped (a rerun adds
+    nothing). The whole file is rewritten atomically (one writer at a time: the driver of
+    ``sedd_ray.evaluate``), so a reader sees the old rows or all of the new ones.
+    """
+    fs, where, _ = filesystem(path)
+    old = _evals_table(path)
+    seen = set(zip(*(old[k].to_pylist() for k in EVALS_KEY)))
+    new = []
+    for row in rows:
+        key = tuple(row[k] for k in EVALS_KEY)
+        if key in seen:
+            continue
+        seen.add(key)
+        unknown = set(row) - set(EVALS_SCHEMA.names)
+        if unknown:
+            raise ResultsError(f"evals row has unknown columns {sorted(unknown)}; "
+                               f"columns: {', '.join(EVALS_SCHEMA.names)}")
+        kinds = {f.name: _kind_of(f.type) for f in EVALS_SCHEMA}
+        new.append({c: _coerce(c, kinds[c], row.get(c)) for c in EVALS_SCHEMA.names})
+    if not new:
+        return 0
+    added = pa.Table.from_pylist(new, schema=EVALS_SCHEMA)
+    _write_table(fs, where, pa.concat_tables([old.cast(EVALS_SCHEMA), added]))
+    return len(new)
