@@ -87,12 +87,18 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint directory for sampling; raises CheckpointError with the reason."""
+    """Load a checkpoint directory for sampling, or a pretrained folder / Hub id (an
+    official SEDD model or an export, :mod:`sedd_ray.hub`); raises CheckpointError."""
     from tokenizers import Tokenizer
 
+    from sedd_ray import hub
     from sedd_ray.model import ScoreModel
     from sedd_ray.trainer import TOKENIZER_FILE
 
+    if hub.is_pretrained_ref(path):
+        pre = hub.load_pretrained(path, device)
+        return LoadedModel(pre.model, pre.graph, pre.noise, pre.tokenizer, pre.vocab_size,
+                           pre.config, pre.step, pre.path)
     path = Path(path)
     state, meta = ckpt.load_checkpoint(path, map_location=device)
     try:
@@ -143,10 +149,14 @@ def checkpoint_dir(path: str | Path) -> Path:
     return p
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]:
+def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path | str, dict[str, Any] | None]:
     """The checkpoint to load from ``--checkpoint`` or ``--trial``/``--study``/``--storage``,
     and the trial's Parquet row (None with ``--checkpoint``)."""
     if args.checkpoint:
+        from sedd_ray.hub import is_pretrained_ref
+
+        if is_pretrained_ref(args.checkpoint):  # a pretrained folder or a Hub id, as given
+            return args.checkpoint, None
         return checkpoint_dir(args.checkpoint), None
     from sedd_ray.results import best_trial, get_trial, resolve_study
 
@@ -204,7 +214,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (optional if only one)")
     p.add_argument("--storage", default="results", help="results folder or URI (default ./results)")
     p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint directory, or a run folder with latest.json (skips Parquet)")
+                   help="a checkpoint directory, a run folder with latest.json, a pretrained "
+                   "folder (sedd_ray.export, official SEDD) or a Hub id such as "
+                   "louaaron/sedd-small (skips Parquet)")
     p.add_argument("--steps", type=int, default=128, help="sampling steps (default 128)")
     p.add_argument("--predictor", default="analytic", help="analytic or euler")
     p.add_argument("--num-samples", type=int, default=4)
