@@ -43,8 +43,8 @@ from sedd_ray.values import coerce
 
 __all__ = [
     "CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "HubError", "Pretrained", "TOKENIZER_FILE",
-    "WEIGHTS_FILE", "is_pretrained_ref", "load_official", "load_pretrained", "model_mismatch",
-    "official_key", "read_config",
+    "WEIGHTS_FILE", "first_line", "is_hub_id", "is_pretrained_ref", "load_official",
+    "load_pretrained", "model_mismatch", "official_key", "pretrained_config", "read_config",
 ]
 
 CONFIG_FILE = "config.json"
@@ -92,7 +92,7 @@ class Pretrained:
             try:
                 return Tokenizer.from_str(tok_path.read_text())
             except Exception as e:  # noqa: BLE001 - the tokenizers error types are not exported
-                raise HubError(f"{tok_path}: unreadable tokenizer: {_first_line(e)}") from None
+                raise HubError(f"{tok_path}: unreadable tokenizer: {first_line(e)}") from None
         if self.tokenizer_name != "gpt2":
             raise HubError(f"{self.path} has no {TOKENIZER_FILE}")
         from sedd_ray.data import _gpt2
@@ -103,13 +103,18 @@ class Pretrained:
 # --- where a folder comes from ------------------------------------------------------------
 
 
+def is_hub_id(text: str) -> bool:
+    """``text`` is shaped like a Hugging Face repo id (``owner/name``)."""
+    return bool(_HUB_ID.match(text))
+
+
 def is_pretrained_ref(ref: str | os.PathLike) -> bool:
     """True for a local folder holding ``config.json`` (and no checkpoint ``meta.json``)
     or, when no such local path exists, a string shaped like a Hub id (``owner/name``)."""
     p = Path(os.path.expanduser(os.fspath(ref)))
     if p.is_dir():
         return (p / CONFIG_FILE).is_file() and not (p / "meta.json").is_file()
-    return not p.exists() and bool(_HUB_ID.match(os.fspath(ref)))
+    return not p.exists() and is_hub_id(os.fspath(ref))
 
 
 def resolve_folder(ref: str | os.PathLike) -> Path:
@@ -119,7 +124,7 @@ def resolve_folder(ref: str | os.PathLike) -> Path:
     if p.is_dir():
         return p
     text = os.fspath(ref)
-    if p.exists() or not _HUB_ID.match(text):
+    if p.exists() or not is_hub_id(text):
         raise HubError(f"{text}: no such folder (a pretrained folder holds {CONFIG_FILE})")
     return _download(text)
 
@@ -138,10 +143,10 @@ def _download(repo_id: str) -> Path:
                 "(offline, not in the cache); on a machine with internet run `hf download "
                 f"{repo_id} --local-dir DIR` and pass DIR") from None
         raise HubError(f"{repo_id}: cannot fetch it from the Hugging Face Hub: "
-                       f"{_first_line(e)}") from None
+                       f"{first_line(e)}") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines() or [type(e).__name__])[0]
 
@@ -157,7 +162,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise HubError(f"{path}: not valid JSON: {_first_line(e)}") from None
+        raise HubError(f"{path}: not valid JSON: {first_line(e)}") from None
     if not isinstance(cfg, dict):
         raise HubError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
     return cfg
@@ -296,7 +301,7 @@ def read_weights(folder: Path, allow_pickle_bin: bool) -> dict[str, torch.Tensor
             return load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: one line
             raise HubError(f"{path}: not a readable safetensors file (truncated or "
-                           f"corrupt?): {_first_line(e)}") from None
+                           f"corrupt?): {first_line(e)}") from None
     path = folder / PICKLE_WEIGHTS_FILE
     if not (allow_pickle_bin and path.is_file()):
         raise HubError(f"{folder} has no {WEIGHTS_FILE}")
@@ -304,7 +309,7 @@ def read_weights(folder: Path, allow_pickle_bin: bool) -> dict[str, torch.Tensor
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError
         raise HubError(f"{path}: refused or unreadable (weights_only=True): "
-                       f"{_first_line(e)}") from None
+                       f"{first_line(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HubError(f"{path}: must hold a dict of tensors (a state dict)")
     return state
@@ -348,6 +353,17 @@ def _rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 # --- loading ------------------------------------------------------------------------------
+
+
+def pretrained_config(ref: str | os.PathLike) -> tuple[RunConfig, int, Path]:
+    """``(config, vocab_size, local folder)`` of a pretrained folder or Hub id, reading
+    only its ``config.json`` (a Hub id is downloaded whole)."""
+    folder = resolve_folder(ref)
+    cfg = read_config(folder)
+    if cfg.get("format") == FORMAT:
+        return (*export_run_config(cfg, folder / CONFIG_FILE), folder)
+    run = official_run_config(cfg, folder / CONFIG_FILE)
+    return run, run.data.vocab_size, folder
 
 
 def load_pretrained(ref: str | os.PathLike, device: str | torch.device = "cpu") -> Pretrained:
@@ -435,3 +451,21 @@ def model_mismatch(pre: RunConfig, run: RunConfig) -> str | None:
         return (f"it was trained on the {pre.diffusion.graph} graph but this run uses "
                 f"{run.diffusion.graph}; pass --graph {pre.diffusion.graph}")
     return None
+
+
+def init_weights(model: torch.nn.Module, ref: str | os.PathLike, run: RunConfig,
+                 tokenizer: Any) -> Pretrained:
+    """Copy the weights of the pretrained ``ref`` into ``model`` (a ScoreModel of ``run``);
+    refuses, with one line, a model that differs (:func:`model_mismatch`) or another
+    tokenizer (the same ids must mean the same tokens). ``tokenizer``: the run's
+    ``tokenizers.Tokenizer``."""
+    pre = load_pretrained(ref)
+    why = model_mismatch(pre.config, run)
+    if why is None and pre.tokenizer.get_vocab() != tokenizer.get_vocab():
+        why = (f"its tokenizer ({pre.tokenizer_name}, {pre.vocab_size} tokens) is not this "
+               f"run's ({run.data.tokenizer}, {tokenizer.get_vocab_size()} tokens); train with "
+               f"the tokenizer it was trained with (--tokenizer {pre.tokenizer_name})")
+    if why is not None:
+        raise HubError(f"--init-from {ref}: {why}")
+    model.load_state_dict(pre.model.state_dict())
+    return pre
