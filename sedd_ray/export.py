@@ -213,7 +213,7 @@ def check_push(repo: str) -> str:
     if not token:
         raise ExportError("--push-to-hub needs Hugging Face credentials: run `hf auth login` "
                           "or set HF_TOKEN; nothing was exported")
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise ExportError("--push-to-hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set; "
                           "unset it, or export without --push-to-hub and upload later")
     return token

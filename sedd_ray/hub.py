@@ -132,7 +132,7 @@ def resolve_folder(ref: str | os.PathLike) -> Path:
 def _download(repo_id: str) -> Path:
     from huggingface_hub import constants, snapshot_download
 
-    offline = constants.is_offline_mode()
+    offline = constants.HF_HUB_OFFLINE
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[
             CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, TOKENIZER_FILE, "README.md"]))
