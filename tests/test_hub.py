@@ -288,3 +288,32 @@ def test_official_config_maps_to_our_config(official):
     assert pre.config.data.tokenizer == "gpt2" and pre.vocab_size == TOKENS
     assert pre.tokenizer.get_vocab_size() == TOKENS
     assert not pre.model.training
+
+
+def test_fine_tune_starts_from_an_official_folder(official, tmp_path):
+    """``train --init-from`` an official folder: GPT-2 data, the official shapes."""
+    from conftest import tiny_config
+
+    from sedd_ray.trainer import Trainer
+
+    folder, _, sd = official
+    cfg = tiny_config(tokenizer="gpt2", hidden_size=H, n_heads=HEADS, cond_dim=COND,
+                      n_layers=BLOCKS, max_train_tokens=20000)
+    t = Trainer(cfg, tmp_path / "ft", init_from=str(folder))
+    t._resume(False)
+    for k, v in t.ema.state_dict().items():
+        assert torch.equal(v, sd[hub.official_key(k)]), k
+    assert t.step == 0 and not t.opt.state
+
+
+def test_init_from_an_official_folder_with_another_model_is_one_line(official, tmp_path, capfd):
+    from sedd_ray import train as train_cli
+
+    folder, _, _ = official
+    rc = train_cli.main(["--smoke-test", "--no-ray", "--output", str(tmp_path / "ft"),
+                         "--init-from", str(folder)])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert re.search(r"^error: --init-from .*: its model has hidden_size=32 but this run's has "
+                     r"64; pass --hidden-size 32 \(or --model small/medium", err[0]), err
+    assert not (tmp_path / "ft").exists()
