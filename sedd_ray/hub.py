@@ -130,14 +130,19 @@ def resolve_folder(ref: str | os.PathLike) -> Path:
 
 
 def _download(repo_id: str) -> Path:
+    """The snapshot folder of a Hub repo: its config, tokenizer and card, then
+    ``model.safetensors``, or ``pytorch_model.bin`` only where there is no safetensors."""
     from huggingface_hub import constants, snapshot_download
 
-    offline = constants.HF_HUB_OFFLINE
+    small = [CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json", "README.md"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=[
-            CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, TOKENIZER_FILE, "README.md"]))
+        folder = Path(snapshot_download(repo_id, allow_patterns=[*small, WEIGHTS_FILE]))
+        if not (folder / WEIGHTS_FILE).is_file():
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*small, PICKLE_WEIGHTS_FILE]))
+        return folder
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, network: all one line
-        if offline or type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        if constants.HF_HUB_OFFLINE or type(e).__name__ in (
+                "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
             raise HubError(
                 f"{repo_id}: not a local folder, and the Hugging Face Hub is unreachable "
                 "(offline, not in the cache); on a machine with internet run `hf download "

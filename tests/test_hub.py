@@ -317,3 +317,25 @@ def test_init_from_an_official_folder_with_another_model_is_one_line(official, t
     assert re.search(r"^error: --init-from .*: its model has hidden_size=32 but this run's has "
                      r"64; pass --hidden-size 32 \(or --model small/medium", err[0]), err
     assert not (tmp_path / "ft").exists()
+
+
+def test_hub_id_loads_from_the_huggingface_cache_offline(official, tmp_path, monkeypatch):
+    """A Hub id already in the ``huggingface_hub`` cache needs no network."""
+    import shutil
+
+    import huggingface_hub.constants as c
+
+    folder, cfg, sd = official
+    repo = tmp_path / "cache" / "models--louaaron--sedd-small"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    pre = ScoreModel.from_pretrained("louaaron/sedd-small")
+    assert pre.format == "official" and pre.path.name == commit
+    x, sigma = torch.randint(0, TOKENS + 1, (2, 8)), torch.tensor([0.3, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(pre.model(x, sigma), official_forward(sd, cfg, x, sigma),
+                                   rtol=1e-5, atol=1e-5)
