@@ -91,14 +91,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     official SEDD model or an export, :mod:`sedd_ray.hub`); raises CheckpointError."""
     from tokenizers import Tokenizer
 
-    from sedd_ray import hub
+    from sedd_ray.hub import is_pretrained_ref
     from sedd_ray.model import ScoreModel
     from sedd_ray.trainer import TOKENIZER_FILE
 
-    if hub.is_pretrained_ref(path):
-        pre = hub.load_pretrained(path, device)
-        return LoadedModel(pre.model, pre.graph, pre.noise, pre.tokenizer, pre.vocab_size,
-                           pre.config, pre.step, pre.path)
+    if is_pretrained_ref(path):
+        return _load_pretrained(path, device)
     path = Path(path)
     state, meta = ckpt.load_checkpoint(path, map_location=device)
     try:
@@ -130,6 +128,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ckpt.CheckpointError(f"checkpoint {path}: weights do not fit its config: {first}") from None
     model.to(device).eval()
     return LoadedModel(model, graph, noise, tokenizer, vocab, cfg, int(meta["step"]), path)
+
+
+def _load_pretrained(ref: str | Path, device: str | torch.device) -> LoadedModel:
+    """A pretrained folder or Hub id (:func:`sedd_ray.hub.load_pretrained`) to sample from."""
+    from sedd_ray.hub import load_pretrained
+
+    pre = load_pretrained(ref, device)
+    return LoadedModel(pre.model, pre.graph, pre.noise, pre.tokenizer, pre.vocab_size,
+                       pre.config, pre.step, pre.path)
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -59,6 +59,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg.validate()
 
 
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the run goes, whether it resumes, and what it starts from."""
+    parser.add_argument("--output", default=None,
+                        help="where checkpoints and metrics go (default runs/<name>); resumes "
+                             "from its latest checkpoint if there is one")
+    parser.add_argument("--no-ray", action="store_true", help="plain in-process run, no Ray")
+    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    parser.add_argument("--name", default=None, help="run name (default: <preset>-<graph>-<noise>)")
+    parser.add_argument("--init-from", default=None, metavar="DIR_OR_ID",
+                        help="fine-tune: start from the weights of an exported folder "
+                        "(python -m sedd_ray.export) or an official SEDD model "
+                        "(louaaron/sedd-small); fresh optimizer; the model config must match")
+
+
 def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of a Ray Train run: workers, their resources, the cluster, the storage."""
     ray_args = parser.add_argument_group("Ray Train")
@@ -82,16 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sedd_ray.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
-    parser.add_argument("--output", default=None,
-                        help="where checkpoints and metrics go (default runs/<name>); resumes "
-                             "from its latest checkpoint if there is one")
-    parser.add_argument("--no-ray", action="store_true", help="plain in-process run, no Ray")
-    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    parser.add_argument("--name", default=None, help="run name (default: <preset>-<graph>-<noise>)")
-    parser.add_argument("--init-from", default=None, metavar="DIR_OR_ID",
-                        help="fine-tune: start from the weights of an exported folder "
-                        "(python -m sedd_ray.export) or an official SEDD model "
-                        "(louaaron/sedd-small); fresh optimizer; the model config must match")
+    _add_run_flags(parser)
     _add_ray_flags(parser)
     args = parser.parse_args(argv)
     try:
