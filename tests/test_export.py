@@ -32,13 +32,14 @@ TINY = ["--preset", "tiny", "--vocab-size", "300", "--seq-len", "32", "--batch-s
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_bundle) -> Path:
-    from sedd_ray.trainer import train
+def trained(tmp_path_factory) -> Path:
+    """The last checkpoint of a 4-step run of ``python -m sedd_ray.train``."""
+    from sedd_ray.checkpoint import latest_checkpoint
+    from sedd_ray.layout import TrainerFiles
 
-    out = tmp_path_factory.mktemp("trained")
-    res = train(tiny_config(steps=4, ckpt_every=2, eval_every=2, log_every=2), out,
-                bundle=tiny_bundle)
-    return Path(res.checkpoint_dir)
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert train_cli.main([*TINY, "--steps", "4", "--no-ray", "--output", str(out)]) == 0
+    return latest_checkpoint(TrainerFiles(out).checkpoints)
 
 
 @pytest.fixture(scope="module")
