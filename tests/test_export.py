@@ -256,3 +256,54 @@ def test_train_init_from_another_tokenizer_is_refused(exported, tmp_path, tiny_b
     with pytest.raises(hub.HubError, match=r"its tokenizer \(bpe, 300 tokens\) is not this "
                        r"run's"):
         t._resume(False)
+
+
+class _FakeApi:
+    """Stands in for ``huggingface_hub.HfApi``: records the calls; may fail like the Hub."""
+
+    calls: list = []
+    fail_with: str | None = None
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kw):
+        _FakeApi.calls.append(("create_repo", repo_id, self.token, kw))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        if _FakeApi.fail_with:
+            raise RuntimeError(_FakeApi.fail_with)
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        _FakeApi.calls.append(("upload_folder", repo_id, self.token, files))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_push_to_hub_uploads_the_folder_and_never_shows_the_token(fails, trained, tmp_path,
+                                                                  capfd, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    token = "hf_" + "Xy9" * 12
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    monkeypatch.setattr(_FakeApi, "calls", [])
+    monkeypatch.setattr(_FakeApi, "fail_with", f"401 Unauthorized for token {token}" if fails
+                        else None)
+    out = tmp_path / "out"
+    rc = export_cli.main(["--checkpoint", str(trained), str(out), "--push-to-hub", "me/sedd"])
+    captured = capfd.readouterr()
+    assert token not in captured.out + captured.err
+    for p in out.iterdir():
+        assert token not in p.read_text(errors="replace")
+    assert _FakeApi.calls[0][:3] == ("create_repo", "me/sedd", token)
+    if fails:
+        line = captured.err.strip().splitlines()
+        assert rc == 1 and len(line) == 1 and "401 Unauthorized for token ***" in line[0], line
+        assert f"the folder is at {out}" in line[0]
+    else:
+        assert rc == 0 and "pushed to https://huggingface.co/me/sedd" in captured.out
+        assert _FakeApi.calls[1] == ("upload_folder", "me/sedd", token, [
+            "README.md", "config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json"])
