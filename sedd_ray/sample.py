@@ -4,11 +4,13 @@
     python -m sedd_ray.sample --study graph-ablation --trial 3f2a_00001 --steps 256
     python -m sedd_ray.sample --checkpoint runs/x/checkpoints/ckpt-00000200 \\
         --prefix "ROMEO:" --suffix "." --length 64 --jsonl samples.jsonl
+    python -m sedd_ray.sample --checkpoint louaaron/sedd-small     # or an exported folder
 
 ``--trial best`` is the finished trial with the lowest ``val_nll``. Loads the EMA weights
 (checksummed, ``weights_only=True``) and the tokenizer saved in the checkpoint, so no
-corpus or hub is needed. ``--prefix``/``--suffix`` pin the first/last tokens (infilling).
-Deterministic for a fixed ``--seed`` on the same device.
+corpus or hub is needed; a pretrained folder (``python -m sedd_ray.export``, an official
+SEDD model) or Hub id loads through :mod:`sedd_ray.hub`. ``--prefix``/``--suffix`` pin
+the first/last tokens (infilling). Deterministic for a fixed ``--seed`` on the same device.
 """
 
 from __future__ import annotations
