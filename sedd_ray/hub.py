@@ -95,9 +95,9 @@ class Pretrained:
                 raise HubError(f"{tok_path}: unreadable tokenizer: {first_line(e)}") from None
         if self.tokenizer_name != "gpt2":
             raise HubError(f"{self.path} has no {TOKENIZER_FILE}")
-        from sedd_ray.data import _gpt2
+        from sedd_ray.data import get_tokenizer
 
-        return _gpt2()[0]
+        return get_tokenizer("gpt2").backend_tokenizer
 
 
 # --- where a folder comes from ------------------------------------------------------------
