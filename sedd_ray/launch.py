@@ -114,7 +114,7 @@ def _worker_fn(config: dict[str, Any]) -> None:
 
     output = config["output_dir"] or tempfile.mkdtemp(prefix="sedd-ray-")
     trainer = Trainer(cfg, output, report, device=device, run_name=config["name"],
-                      group=config.get("group"))
+                      group=config.get("group"), init_from=config.get("init_from"))
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
@@ -129,6 +129,7 @@ def launch(
     max_failures: int = 2, resume: bool = True, callbacks: list[Any] | None = None,
     placement_strategy: str = "PACK", group: str | None = None,
     resource_timeout: float = DEFAULT_RESOURCE_TIMEOUT_S, check_resources: bool = True,
+    init_from: str | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` with Ray Train; returns the final metrics plus ``run_dir`` and
     ``checkpoint_dir``. Raises :class:`LaunchError` with the worker's error when the run
@@ -140,7 +141,9 @@ def launch(
     provide (:mod:`sedd_ray.preflight`): one that never fits raises
     :class:`~sedd_ray.preflight.ResourceError`; on an autoscaling cluster one that fits
     only after scaling up waits for at most ``resource_timeout`` seconds
-    (``check_resources=False``: the caller has checked, as a study does once)."""
+    (``check_resources=False``: the caller has checked, as a study does once).
+    ``init_from``: a pretrained folder (every worker must see it) or Hub id whose weights
+    start the run when it has no checkpoint (``train --init-from``)."""
     resources = _worker_resources(cpus_per_worker, gpus_per_worker, resources_per_worker)
     _check_settings(cfg, num_workers, resources, max_failures)
     storage = _check_storage_and_data(cfg, storage)
@@ -152,7 +155,7 @@ def launch(
     trainer = _torch_trainer(
         cfg, name=name, group=group, storage=storage, run_dir=run_dir, resources=resources,
         num_workers=num_workers, placement_strategy=placement_strategy,
-        max_failures=max_failures, callbacks=callbacks)
+        max_failures=max_failures, callbacks=callbacks, init_from=init_from)
     print(f"Ray Train run {name!r}: results and checkpoints in {run_dir}", flush=True)
     return _fit(trainer, name, run_dir)
 
@@ -213,7 +216,8 @@ def _prepare_run_dir(storage: str, name: str, resume: bool) -> str:
 
 def _torch_trainer(cfg: RunConfig, *, name: str, group: str | None, storage: str, run_dir: str,
                    resources: dict[str, float], num_workers: int, placement_strategy: str,
-                   max_failures: int, callbacks: list[Any] | None) -> Any:
+                   max_failures: int, callbacks: list[Any] | None,
+                   init_from: str | None = None) -> Any:
     """The Ray Train ``TorchTrainer`` of the run (nothing starts until ``fit``)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -224,6 +228,7 @@ def _torch_trainer(cfg: RunConfig, *, name: str, group: str | None, storage: str
         _worker_fn,
         train_loop_config={
             "run_config": cfg.to_dict(), "use_gpu": use_gpu, "name": name, "group": group,
+            "init_from": init_from,
             # Trainer logs (metrics.jsonl, samples) next to Ray's run folder when local.
             "output_dir": RunLayout.at(run_dir).trainer_dir if is_local(storage) else None,
         },

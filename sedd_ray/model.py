@@ -31,6 +31,7 @@ ignore it, as in the official code).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +175,19 @@ class ScoreModel(nn.Module):
             )
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.output_layer = FinalLayer(h, graph.output_dim(self.time_independent), cfg.cond_dim)
+
+    @classmethod
+    def from_pretrained(cls, id_or_dir: str, device: str | torch.device = "cpu") -> Any:
+        """Load an official SEDD checkpoint (``louaaron/sedd-small``, a folder of one) or a
+        folder written by ``python -m sedd_ray.export``; see :mod:`sedd_ray.hub`.
+
+        Returns a :class:`sedd_ray.hub.Pretrained`: ``.model`` (this class, eval mode),
+        ``.graph``, ``.noise``, ``.tokenizer_name``, ``.config``; it unpacks as
+        ``model, graph, noise``.
+        """
+        from sedd_ray.hub import load_pretrained
+
+        return load_pretrained(id_or_dir, device)
 
     def backbone(self, x_t: torch.Tensor, sigma_bar: torch.Tensor | None) -> torch.Tensor:
         """Raw network output (B, L, out) float32, before any post-processing.

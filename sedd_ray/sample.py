@@ -4,11 +4,13 @@
     python -m sedd_ray.sample --study graph-ablation --trial 3f2a_00001 --steps 256
     python -m sedd_ray.sample --checkpoint runs/x/checkpoints/ckpt-00000200 \\
         --prefix "ROMEO:" --suffix "." --length 64 --jsonl samples.jsonl
+    python -m sedd_ray.sample --checkpoint louaaron/sedd-small     # or an exported folder
 
 ``--trial best`` is the finished trial with the lowest ``val_nll``. Loads the EMA weights
 (checksummed, ``weights_only=True``) and the tokenizer saved in the checkpoint, so no
-corpus or hub is needed. ``--prefix``/``--suffix`` pin the first/last tokens (infilling).
-Deterministic for a fixed ``--seed`` on the same device.
+corpus or hub is needed; a pretrained folder (``python -m sedd_ray.export``, an official
+SEDD model) or Hub id loads through :mod:`sedd_ray.hub`. ``--prefix``/``--suffix`` pin
+the first/last tokens (infilling). Deterministic for a fixed ``--seed`` on the same device.
 """
 
 from __future__ import annotations
@@ -87,12 +89,16 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint directory for sampling; raises CheckpointError with the reason."""
+    """Load a checkpoint directory for sampling, or a pretrained folder / Hub id (an
+    official SEDD model or an export, :mod:`sedd_ray.hub`); raises CheckpointError."""
     from tokenizers import Tokenizer
 
+    from sedd_ray.hub import is_pretrained_ref
     from sedd_ray.model import ScoreModel
     from sedd_ray.trainer import TOKENIZER_FILE
 
+    if is_pretrained_ref(path):
+        return _load_pretrained(path, device)
     path = Path(path)
     state, meta = ckpt.load_checkpoint(path, map_location=device)
     try:
@@ -126,6 +132,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     return LoadedModel(model, graph, noise, tokenizer, vocab, cfg, int(meta["step"]), path)
 
 
+def _load_pretrained(ref: str | Path, device: str | torch.device) -> LoadedModel:
+    """A pretrained folder or Hub id (:func:`sedd_ray.hub.load_pretrained`) to sample from."""
+    from sedd_ray.hub import load_pretrained
+
+    pre = load_pretrained(ref, device)
+    return LoadedModel(pre.model, pre.graph, pre.noise, pre.tokenizer, pre.vocab_size,
+                       pre.config, pre.step, pre.path)
+
+
 def checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint directory from ``path``: the checkpoint itself, a folder with
     ``latest.json`` (the trainer's ``checkpoints/``), or a run folder holding one."""
@@ -143,10 +158,14 @@ def checkpoint_dir(path: str | Path) -> Path:
     return p
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]:
+def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path | str, dict[str, Any] | None]:
     """The checkpoint to load from ``--checkpoint`` or ``--trial``/``--study``/``--storage``,
     and the trial's Parquet row (None with ``--checkpoint``)."""
     if args.checkpoint:
+        from sedd_ray.hub import is_pretrained_ref
+
+        if is_pretrained_ref(args.checkpoint):  # a pretrained folder or a Hub id, as given
+            return args.checkpoint, None
         return checkpoint_dir(args.checkpoint), None
     from sedd_ray.results import best_trial, get_trial, resolve_study
 
@@ -204,7 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (optional if only one)")
     p.add_argument("--storage", default="results", help="results folder or URI (default ./results)")
     p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint directory, or a run folder with latest.json (skips Parquet)")
+                   help="a checkpoint directory, a run folder with latest.json, a pretrained "
+                   "folder (sedd_ray.export, official SEDD) or a Hub id such as "
+                   "louaaron/sedd-small (skips Parquet)")
     p.add_argument("--steps", type=int, default=128, help="sampling steps (default 128)")
     p.add_argument("--predictor", default="analytic", help="analytic or euler")
     p.add_argument("--num-samples", type=int, default=4)

@@ -59,6 +59,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg.validate()
 
 
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the run goes, whether it resumes, and what it starts from."""
+    parser.add_argument("--output", default=None,
+                        help="where checkpoints and metrics go (default runs/<name>); resumes "
+                             "from its latest checkpoint if there is one")
+    parser.add_argument("--no-ray", action="store_true", help="plain in-process run, no Ray")
+    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    parser.add_argument("--name", default=None, help="run name (default: <preset>-<graph>-<noise>)")
+    parser.add_argument("--init-from", default=None, metavar="DIR_OR_ID",
+                        help="fine-tune: start from the weights of an exported folder "
+                        "(python -m sedd_ray.export) or an official SEDD model "
+                        "(louaaron/sedd-small); fresh optimizer; the model config must match")
+
+
 def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of a Ray Train run: workers, their resources, the cluster, the storage."""
     ray_args = parser.add_argument_group("Ray Train")
@@ -82,17 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sedd_ray.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
-    parser.add_argument("--output", default=None,
-                        help="where checkpoints and metrics go (default runs/<name>); resumes "
-                             "from its latest checkpoint if there is one")
-    parser.add_argument("--no-ray", action="store_true", help="plain in-process run, no Ray")
-    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    parser.add_argument("--name", default=None, help="run name (default: <preset>-<graph>-<noise>)")
+    _add_run_flags(parser)
     _add_ray_flags(parser)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
         custom = name_values(args.worker_resources, "--worker-resources", example="tpu=1")
+        init_from = _check_init_from(args.init_from, cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         output = os.path.abspath(args.output or os.path.join("runs", name))
         print(f"run {name}: output in {output}")
         try:
-            result = train(cfg, output, resume=not args.no_resume, run_name=name)
+            result = train(cfg, output, resume=not args.no_resume, run_name=name,
+                           init_from=init_from)
         except (NonFiniteLossError, CheckpointError, OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -119,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                         num_workers=args.num_workers, gpus_per_worker=args.gpus_per_worker,
                         cpus_per_worker=args.cpus_per_worker, resources_per_worker=custom,
                         address=args.address, max_failures=args.max_failures,
-                        resume=not args.no_resume, resource_timeout=args.resource_timeout)
+                        resume=not args.no_resume, resource_timeout=args.resource_timeout,
+                        init_from=init_from)
     except ResourceError as e:  # the cluster can never hold it: nothing ran or was written
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -128,6 +140,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _print_result(result, result.get("run_dir", ""))
     return 0
+
+
+def _check_init_from(ref: str | None, cfg: RunConfig) -> str | None:
+    """``--init-from`` once its config fits ``cfg`` (checked before any data or compute):
+    a local folder as an absolute path, a Hub id as given (each Ray worker fetches it, or
+    finds it in its cache). Raises ConfigError with one line otherwise."""
+    if ref is None:
+        return None
+    from sedd_ray.hub import HubError, model_mismatch, pretrained_config
+
+    try:
+        pre, _, folder = pretrained_config(ref)
+    except HubError as e:
+        raise ConfigError(f"--init-from: {e}") from None
+    why = model_mismatch(pre, cfg)
+    if why is not None:
+        raise ConfigError(f"--init-from {ref}: {why}")
+    return str(folder.absolute()) if os.path.isdir(os.path.expanduser(ref)) else ref
 
 
 def _print_result(result: dict[str, Any], where: str) -> None:

@@ -335,8 +335,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, output_dir: str | os.PathLike,
                  report: ReportFn | None = None, *, device: torch.device | None = None,
                  bundle: DataBundle | None = None, run_name: str | None = None,
-                 group: str | None = None) -> None:
+                 group: str | None = None, init_from: str | None = None) -> None:
         cfg.validate()
+        self.init_from = init_from  # pretrained weights for a fresh run (sedd_ray.hub)
         self.cfg = cfg
         self.out = Path(output_dir).absolute()
         self.files = TrainerFiles(self.out)
@@ -599,6 +600,16 @@ class Trainer:
             resume = ckpt.latest_checkpoint(self.ckpt_dir)
         if resume:
             self.load(resume)
+        if self.init_from and self.step == 0:  # a resumed fine-tune keeps its own weights
+            self.init_pretrained(self.init_from)
+
+    def init_pretrained(self, ref: str | os.PathLike) -> None:
+        """Start from the weights (model and EMA) of a pretrained folder or Hub id; the
+        optimizer and schedule stay fresh (:func:`sedd_ray.hub.init_weights`)."""
+        from sedd_ray.hub import init_weights
+
+        init_weights(self.raw_model, ref, self.cfg, self.data.backend)
+        self.ema.load_state_dict(self.raw_model.state_dict())
 
     def _progress_bar(self) -> Any:
         """A tqdm bar on rank 0 when ``train.progress``, else None."""
@@ -758,8 +769,9 @@ def _jsonable(v: Any) -> bool:
 def train(cfg: RunConfig, output_dir: str | os.PathLike, report: ReportFn | None = None,
           *, resume: str | os.PathLike | bool = True, device: torch.device | None = None,
           bundle: DataBundle | None = None, run_name: str | None = None,
-          group: str | None = None) -> TrainResult:
-    """Run (or resume) one training run; see the module docstring."""
+          group: str | None = None, init_from: str | None = None) -> TrainResult:
+    """Run (or resume) one training run; see the module docstring. ``init_from``: a
+    pretrained folder or Hub id whose weights start a run that has no checkpoint yet."""
     trainer = Trainer(cfg, output_dir, report, device=device, bundle=bundle,
-                      run_name=run_name, group=group)
+                      run_name=run_name, group=group, init_from=init_from)
     return trainer.run(resume=resume)
