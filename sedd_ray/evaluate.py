@@ -264,10 +264,11 @@ def load_for_eval(ref: ModelRef | str, device: str = "cpu") -> Any:
 
     The plug point for other formats (an exported / official folder through
     ``ScoreModel.from_pretrained``) is here and only here."""
+    from sedd_ray.hub import is_pretrained_ref
     from sedd_ray.sample import checkpoint_dir, load_model
 
     path = ref.checkpoint if isinstance(ref, ModelRef) else ref
-    return load_model(checkpoint_dir(path), device)
+    return load_model(path if is_pretrained_ref(path) else checkpoint_dir(path), device)
 
 
 def model_tokenizer(ref: ModelRef) -> Any:
@@ -275,8 +276,11 @@ def model_tokenizer(ref: ModelRef) -> Any:
     from tokenizers import Tokenizer
 
     from sedd_ray.checkpoint import CheckpointError
+    from sedd_ray.hub import is_pretrained_ref, load_pretrained
     from sedd_ray.trainer import TOKENIZER_FILE
 
+    if is_pretrained_ref(ref.checkpoint):  # an export or official folder / Hub id
+        return load_pretrained(ref.checkpoint).tokenizer
     path = Path(ref.checkpoint) / TOKENIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ref.checkpoint} has no {TOKENIZER_FILE}")
@@ -499,11 +503,16 @@ def evaluate_model(job: Job, settings: EvalSettings, device: str = "cpu",
 def resolve_models(args: argparse.Namespace) -> tuple[list[ModelRef], str]:
     """The checkpoints to evaluate and the ``evals.parquet`` their rows go to."""
     from sedd_ray.checkpoint import CheckpointError
+    from sedd_ray.hub import is_pretrained_ref
     from sedd_ray.io import normalize
-    from sedd_ray.layout import StudyLayout, evals_beside
+    from sedd_ray.layout import EVALS_FILE, StudyLayout, evals_beside
     from sedd_ray.results import FINISHED_STATUSES, read_trials, resolve_study
     from sedd_ray.sample import checkpoint_dir, resolve_checkpoint
 
+    if args.checkpoint and is_pretrained_ref(args.checkpoint):  # export / official / Hub id
+        local = os.path.isdir(os.path.expanduser(args.checkpoint))
+        path = normalize(os.path.expanduser(args.checkpoint)) if local else args.checkpoint
+        return [ModelRef(path)], args.evals or (evals_beside(path) if local else EVALS_FILE)
     if args.checkpoint:
         path = normalize(checkpoint_dir(args.checkpoint))
         return [ModelRef(path)], args.evals or evals_beside(path)
@@ -524,7 +533,13 @@ def resolve_models(args: argparse.Namespace) -> tuple[list[ModelRef], str]:
 def _own_corpus(ref: ModelRef) -> str | None:
     """The training corpus recorded in a checkpoint's meta (no weights read)."""
     from sedd_ray.checkpoint import META_FILE
+    from sedd_ray.hub import HubError, is_pretrained_ref, pretrained_config
 
+    if is_pretrained_ref(ref.checkpoint):
+        try:
+            return pretrained_config(ref.checkpoint)[0].data.corpus
+        except (HubError, OSError, ValueError):
+            return None
     try:
         meta = json.loads((Path(ref.checkpoint) / META_FILE).read_text())
         return meta["config"]["data"]["corpus"]

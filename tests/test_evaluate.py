@@ -233,3 +233,20 @@ def test_append_evals_skips_known_keys_and_refuses_unknown_columns(tmp_path):
         append_evals(path, [{**row, "metric": "m", "oops": 1}])
     assert len(read_evals(path)) == 2
     assert [p.name for p in (tmp_path / "e").iterdir()] == ["evals.parquet"]  # no temp left
+
+
+def test_an_exported_folder_evaluates_like_its_checkpoint(markov_ckpt, tmp_path, capfd):
+    """evaluate --checkpoint accepts a Hub-style export (sedd_ray.export): the same EMA
+    weights, blocks and draws give the same bound as the checkpoint itself."""
+    from sedd_ray import export as export_cli
+
+    out = tmp_path / "export"
+    assert export_cli.main(["--checkpoint", str(markov_ckpt), str(out)]) == 0, capfd.readouterr()
+    values = []
+    for ref, evals in ((markov_ckpt, tmp_path / "a.parquet"), (out, tmp_path / "b.parquet")):
+        rc, _, err = _run(capfd, ["--checkpoint", str(ref), "--corpus", MARKOV, *FAST,
+                                  "--evals", str(evals)])
+        assert rc == 0, err
+        df = read_evals(evals)
+        values.append(df[df["metric"] == "nll_bound"]["value"].tolist())
+    assert values[0] and values[0] == pytest.approx(values[1], abs=1e-6)
