@@ -38,9 +38,9 @@ added RUNNING with its searched params when it starts, gets each evaluation's ``
 as an intermediate value at its step, and its final state (COMPLETE, PRUNED for
 ``stopped_early``, FAIL for ``error``) and value (``val_nll_final`` when present, else
 ``val_nll``) when it ends. Each Optuna trial carries the Tune trial id (user attr
-``tune_trial_id``): writing a trial twice changes nothing, and ``--resume`` re-syncs
-every study from Parquet first (:func:`activate`), so a driver killed at any point leaves
-no duplicate and no missing trial. Optuna cannot rewrite a finished trial: when Parquet
+``tune_trial_id``): writing a trial twice changes nothing, and every start of a study
+(``--resume`` included) re-syncs its Optuna studies from Parquet first (:func:`activate`),
+so a driver killed at any point leaves no duplicate and no missing trial. Optuna cannot rewrite a finished trial: when Parquet
 changes one (an errored trial resumed), its Optuna study is rebuilt from Parquet.
 
 Imports neither torch nor Ray (the analysis scripts use :func:`optuna_study`).
@@ -63,7 +63,7 @@ from sedd_ray.layout import StudyLayout
 
 __all__ = ["TUNE_ID_ATTR", "OptunaMirror", "OptunaStorageError", "activate", "check_url",
            "mirror_result", "mirror_row", "open_storage", "optuna_study", "optuna_study_names",
-           "prepare", "storage_url", "study_name"]
+           "prepare", "storage_url", "study_name", "write_optuna_plots"]
 
 TUNE_ID_ATTR = "tune_trial_id"  # the user attr that keys an Optuna trial on its Tune trial
 STUDY_ATTR = "sedd_ray_study"  # the sedd-ray study an Optuna study belongs to
@@ -236,13 +236,15 @@ def frozen_trial(space: Mapping[str, Any], row: Mapping[str, Any],
     """The Optuna trial that mirrors one Parquet row (see the module docstring)."""
     from optuna.trial import create_trial
 
+    from sedd_ray.results import scrub  # secrets never reach the storage (as in Parquet)
+
     params, dists, outside = _params(space, row)
     state, value = _state(row)
     attrs = {TUNE_ID_ATTR: str(row["trial_id"]), "status": row.get("status")}
     for k in ("level", "seed", "phase", "replicate_of", "error", "checkpoint_path"):
         v = _py(row.get(k))
         if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            attrs[k] = v
+            attrs[k] = scrub(v)
     if outside:
         attrs["params_outside_space"] = outside
     return create_trial(state=state, value=value, params=params, distributions=dists,
@@ -384,7 +386,7 @@ class OptunaMirror:
         return len(mine)
 
     def sync(self) -> dict[str, int]:
-        """Make every Optuna study of this study match Parquet (``--resume`` runs it first):
+        """Make every Optuna study of this study match Parquet (every start runs it first):
         missing trials added, running ones brought up to date, and a study holding a trial
         Parquet lacks, a duplicate or a finished trial Parquet contradicts rebuilt."""
         rows, history = self._parquet()
@@ -409,20 +411,19 @@ class OptunaMirror:
 _ACTIVE: dict[tuple[str, str], OptunaMirror] = {}  # (results storage, study) -> its mirror
 
 
-def activate(spec: Any, storage: str, url: str | None, *, resync: bool) -> OptunaMirror | None:
-    """Start mirroring ``spec``'s trials into the storage at ``url`` (None: stop): creates
-    its Optuna studies and, with ``resync`` (``--resume``), brings them in line with the
-    Parquet first. Called by :func:`sedd_ray.study.run_study` after the storage checks."""
+def activate(spec: Any, storage: str, url: str | None) -> OptunaMirror | None:
+    """Start mirroring ``spec``'s trials into the storage at ``url`` (None: stop), after
+    bringing its Optuna studies in line with the Parquet (nothing to do for a new study;
+    after a driver kill, what the dead driver had not written). Called by
+    :func:`sedd_ray.study.run_study` after its storage checks, before the first trial."""
     key = (normalize(storage), spec.name)
     _ACTIVE.pop(key, None)
     if url is None:
         return None
     mirror = OptunaMirror(spec, normalize(storage), url)
-    if resync:
-        counts = mirror.sync()
+    counts = mirror.sync()
+    if counts["added"] + counts["updated"] + counts["rebuilt"]:
         print(f"Optuna storage re-synced from Parquet: {counts}", flush=True)
-    else:
-        mirror.create_studies()
     _ACTIVE[key] = mirror
     print(f"Optuna studies in {_shown(url)}; to watch them: optuna-dashboard {_shown(url)}",
           flush=True)
@@ -504,3 +505,37 @@ def optuna_study(storage: str, study: str, level: Any = None, *,
                              storage=open_storage(storage_url(storage, study, optuna_storage)))
 
 
+
+
+def write_optuna_plots(storage: str, study: str, out_dir: str | os.PathLike, *,
+                       optuna_storage: str | None = None) -> list[Path]:
+    """Optuna's own plots (``optuna.visualization.matplotlib``) of every Optuna study of
+    ``study``, as PNGs in ``out_dir``: the optimisation history and the intermediate values
+    (each trial's periodic ``val_nll`` by step), one pair per level, e.g.
+    ``optuna-history-graph=absorb.png``. Returns the paths written."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    url = storage_url(storage, study, optuna_storage)
+    out, paths = Path(out_dir), []
+    out.mkdir(parents=True, exist_ok=True)
+    for name in optuna_study_names(storage, study, optuna_storage):
+        s = optuna.load_study(study_name=name, storage=open_storage(url))
+        tag = name.removeprefix(study).strip("/").replace("/", "-") or "search"
+        for kind, plot in (("history", ovm.plot_optimization_history),
+                           ("intermediate", ovm.plot_intermediate_values)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning of the matplotlib backend
+                ax = plot(s)
+            ax.set_title(f"{name}: {ax.get_title()}")
+            path = out / f"optuna-{kind}-{tag}.png"
+            ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(ax.figure)
+            paths.append(path)
+    return paths

@@ -335,7 +335,7 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
         if resume:
             print(f"nothing to resume at {tune_dir}; starting the study", flush=True)
         tuner = _new_tuner(spec, storage, driver, verbose)
-    optuna_store.activate(spec, storage, optuna_url, resync=resume)  # re-synced from Parquet
+    optuna_store.activate(spec, storage, optuna_url)  # Optuna's storage re-synced from Parquet
     print(f"study {spec.name!r}: results in {study_dir}", flush=True)
     tuner.fit()
     return study_dir

@@ -100,9 +100,9 @@ def mirrored(tmp_path):
     """A callback writing Parquet under ``tmp_path/results`` with the mirror active."""
     storage, spec = str(tmp_path / "results"), _spec()
     url = optuna_store.storage_url(storage, STUDY)
-    optuna_store.activate(spec, storage, url, resync=False)
+    optuna_store.activate(spec, storage, url)
     yield storage, spec, ParquetCallback(spec, storage)
-    optuna_store.activate(spec, storage, None, resync=False)
+    optuna_store.activate(spec, storage, None)
 
 
 def _first_run(cb):
@@ -154,7 +154,7 @@ def test_a_killed_driver_resumed_leaves_no_duplicate_or_missing_trial(mirrored):
     # callback (restored by Tune) sees the in-flight and the errored trial again.
     url = optuna_store.storage_url(storage, STUDY)
     for _ in range(2):
-        optuna_store.activate(spec, storage, url, resync=True)
+        optuna_store.activate(spec, storage, url)
         assert assert_mirrors_parquet(storage, STUDY) == 4
     cb = ParquetCallback(spec, storage)
     for t in (t3, t4):  # resume_errored: t3 runs again; Optuna's FAIL must not stay
@@ -167,6 +167,19 @@ def test_a_killed_driver_resumed_leaves_no_duplicate_or_missing_trial(mirrored):
     absorb = optuna_store.optuna_study(storage, STUDY, "absorb").get_trials()
     assert {t.user_attrs["tune_trial_id"]: t.state for t in absorb} == {
         "t2": TrialState.PRUNED, "t3": TrialState.COMPLETE}
+
+
+def test_optuna_plots_and_the_analysis_import(mirrored, tmp_path):
+    from experiments.analyze import optuna_study, write_optuna_plots
+
+    storage, spec, cb = mirrored
+    _first_run(cb)
+    assert optuna_study(storage, STUDY, "absorb").study_name == "og/graph=absorb"
+    paths = write_optuna_plots(storage, STUDY, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == [
+        f"optuna-{k}-graph={lv}.png" for k in ("history", "intermediate")
+        for lv in ("absorb", "uniform")]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
 def test_resync_repairs_a_lost_or_duplicated_mirror(mirrored):
