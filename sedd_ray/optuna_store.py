@@ -516,8 +516,6 @@ def write_optuna_plots(storage: str, study: str, out_dir: str | os.PathLike, *,
     import warnings
 
     import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as ovm
@@ -530,12 +528,13 @@ def write_optuna_plots(storage: str, study: str, out_dir: str | os.PathLike, *,
         tag = name.removeprefix(study).strip("/").replace("/", "-") or "search"
         for kind, plot in (("history", ovm.plot_optimization_history),
                            ("intermediate", ovm.plot_intermediate_values)):
-            with warnings.catch_warnings():
+            # rc_context: Optuna's plots call plt.style.use("ggplot"), for good otherwise.
+            with warnings.catch_warnings(), matplotlib.rc_context():
                 warnings.simplefilter("ignore")  # ExperimentalWarning of the matplotlib backend
                 ax = plot(s)
-            ax.set_title(f"{name}: {ax.get_title()}")
-            path = out / f"optuna-{kind}-{tag}.png"
-            ax.figure.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(ax.figure)
+                ax.set_title(f"{name}: {ax.get_title()}")
+                path = out / f"optuna-{kind}-{tag}.png"
+                ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+                plt.close(ax.figure)
             paths.append(path)
     return paths

@@ -170,12 +170,16 @@ def test_a_killed_driver_resumed_leaves_no_duplicate_or_missing_trial(mirrored):
 
 
 def test_optuna_plots_and_the_analysis_import(mirrored, tmp_path):
+    import matplotlib
+
     from experiments.analyze import optuna_study, write_optuna_plots
 
     storage, spec, cb = mirrored
     _first_run(cb)
     assert optuna_study(storage, STUDY, "absorb").study_name == "og/graph=absorb"
+    style = dict(matplotlib.rcParams)
     paths = write_optuna_plots(storage, STUDY, tmp_path / "plots")
+    assert dict(matplotlib.rcParams) == style  # Optuna's ggplot style stays inside
     assert sorted(p.name for p in paths) == [
         f"optuna-{k}-graph={lv}.png" for k in ("history", "intermediate")
         for lv in ("absorb", "uniform")]
