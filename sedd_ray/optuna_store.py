@@ -124,13 +124,14 @@ def check_url(url: str) -> None:
                                  f"installed ({e}); pip install it (postgresql: "
                                  "psycopg2-binary)") from None
     except Exception as e:  # noqa: BLE001 - sqlalchemy.exc.ArgumentError and friends
-        raise OptunaStorageError(f"--optuna-storage {shown} is not a database URL ({e}); "
+        raise OptunaStorageError(f"--optuna-storage {shown} is not a database URL "
+                                 f"({str(e).replace(url, shown)}); "
                                  "use e.g. postgresql://user@host/db or a .db file path") from None
     try:
         with engine.connect():
             pass
     except Exception as e:  # noqa: BLE001 - OperationalError, a driver's own errors
-        line = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        line = str(getattr(e, "orig", None) or e).strip().splitlines()[0].replace(url, shown)
         raise OptunaStorageError(f"--optuna-storage {shown} is unreachable ({line}); check the "
                                  "URL and that the database is up and reachable from here, "
                                  "or pass --optuna-storage none") from None

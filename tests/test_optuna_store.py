@@ -216,6 +216,8 @@ def test_storage_urls():
     ("postgresql://me:s3cret@127.0.0.1:1/optuna", r"^error: --optuna-storage postgresql://me:"
      r"\*\*\*@127.0.0.1:1/optuna"),
     ("nosuchdb://x", r"^error: --optuna-storage nosuchdb://x is not a database URL"),
+    ("postgresql://me:s3cret@h:port/db", r"^error: --optuna-storage postgresql://me:\*\*\*@h:port/db "
+     r"is not a database URL"),
 ])
 def test_unusable_optuna_storage_is_one_line_before_anything(url, match, tmp_path, capfd,
                                                              monkeypatch):
