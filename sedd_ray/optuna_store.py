@@ -298,8 +298,11 @@ class OptunaMirror:
             direction = "minimize" if self.spec.mode == "min" else "maximize"
             study = optuna.create_study(storage=self.db, study_name=name, direction=direction,
                                         load_if_exists=True)
+            rest = name.removeprefix(self.spec.name).strip("/")  # "graph=absorb[/replicate]"
+            level, _, phase = rest.partition("=")[2].partition("/") if self.spec.ablate \
+                else ("", "", rest)
             attrs = {STUDY_ATTR: self.spec.name, "axis": self.spec.ablate,
-                     "metric": self.spec.metric, "level": name.partition("=")[2] or None}
+                     "metric": self.spec.metric, "level": level or None, "phase": phase or "tune"}
             for k, v in attrs.items():
                 if study.user_attrs.get(k) != v:
                     study.set_user_attr(k, v)
@@ -484,10 +487,11 @@ def optuna_study_names(storage: str, study: str, optuna_storage: str | None = No
     return [s.study_name for s in summaries if s.user_attrs.get(STUDY_ATTR) == study]
 
 
-def optuna_study(storage: str, study: str, level: Any = None, *,
+def optuna_study(storage: str, study: str, level: Any = None, *, phase: str | None = None,
                  optuna_storage: str | None = None):
     """The ``optuna.Study`` of a sedd-ray study (``level``: which level's, for an
-    ablation), for ``optuna.visualization``, ``optuna.importance`` and friends::
+    ablation; ``phase="replicate"``: its replicates' study), for ``optuna.visualization``,
+    ``optuna.importance`` and friends::
 
         from experiments.analyze import optuna_study
         s = optuna_study("results", "graph-ablation", "absorb")
@@ -496,7 +500,9 @@ def optuna_study(storage: str, study: str, level: Any = None, *,
     import optuna
 
     names = optuna_study_names(storage, study, optuna_storage)
-    pick = [n for n in names if (n == study if level is None else n.endswith(f"={level}"))]
+    suffix = ("" if level is None else f"={level}") + (
+        "" if phase in (None, "", "tune") else f"/{phase}")
+    pick = [n for n in names if (n == study + suffix if level is None else n.endswith(suffix))]
     if len(pick) != 1:
         listing = ", ".join(names) or "none"
         raise OptunaStorageError(

@@ -49,7 +49,8 @@ def assert_mirrors_parquet(storage, study: str, url: str | None = None) -> int:
             tid = t.user_attrs[optuna_store.TUNE_ID_ATTR]
             seen.append(tid)
             row = next(r for r in rows if r["trial_id"] == tid)
-            assert name.endswith(f"={row['level']}") or not row["level"], (name, row["level"])
+            assert name == optuna_store.study_name(study, row["ablated_axis"], row["level"],
+                                                   row.get("phase")), (name, tid)
             assert t.state == STATES[row["status"]] or (
                 t.state == TrialState.FAIL and row["status"] == "terminated"), (tid, t.state)
             want = _value(row)
@@ -197,6 +198,21 @@ def test_resync_repairs_a_lost_or_duplicated_mirror(mirrored):
     counts = optuna_store.OptunaMirror(spec, storage, url).sync()
     assert counts["rebuilt"] == 2 and counts["added"] == 2, counts
     assert assert_mirrors_parquet(storage, STUDY) == 4
+
+
+def test_replicates_get_a_study_of_their_own(mirrored):
+    """A replicate-phase row (helper "phases") never joins its level's tuning study."""
+    storage, spec, _ = mirrored
+    mirror = optuna_store.OptunaMirror(spec, storage, optuna_store.storage_url(storage, STUDY))
+    row = {"trial_id": "r1", "level": "absorb", "phase": "replicate", "replicate_of": "t2",
+           "status": "terminated", "val_nll": 2.0, "noise": "loglinear", "lr": 1e-3, "seed": 1}
+    assert mirror.upsert(row) == "added" and mirror.upsert(row) == "same"
+    rep = optuna_store.optuna_study(storage, STUDY, "absorb", phase="replicate")
+    assert rep.study_name == "og/graph=absorb/replicate"
+    assert rep.user_attrs["phase"] == "replicate" and rep.user_attrs["level"] == "absorb"
+    (t,) = rep.get_trials()
+    assert t.value == 2.0 and t.user_attrs["replicate_of"] == "t2" and t.user_attrs["seed"] == 1
+    assert optuna_store.optuna_study(storage, STUDY, "absorb").get_trials() == []
 
 
 def test_storage_urls():
