@@ -141,10 +141,13 @@ def check_url(url: str) -> None:
 
 def prepare(spec: Any, storage: str) -> str | None:
     """The Optuna storage URL of a study about to run (``spec.optuna_storage`` or the
-    default), a user-given one checked now: before Ray starts, writing nothing."""
+    default), a user-given one checked now: before Ray starts, writing nothing. A password
+    in the URL stays in this process: ``spec.optuna_storage`` keeps the URL without it, so
+    the spec that Tune pickles into the study folder holds no secret."""
     url = storage_url(storage, spec.name, spec.optuna_storage)
     if url is not None and spec.optuna_storage:
         check_url(url)
+        spec.optuna_storage = _shown(url)
     return url
 
 

@@ -259,6 +259,17 @@ def test_unusable_optuna_storage_is_one_line_before_anything(url, match, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_password_in_the_url_is_never_pickled_with_the_study(monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(optuna_store, "check_url", lambda url: None)  # no server here
+    spec = _spec()
+    spec.optuna_storage = "postgresql://me:s3cret@db.example/optuna"
+    assert optuna_store.prepare(spec, "/r") == "postgresql://me:s3cret@db.example/optuna"
+    assert spec.optuna_storage == "postgresql://me:***@db.example/optuna"
+    assert b"s3cret" not in pickle.dumps(spec)
+
+
 # --- with Ray: a smoke study, a resume and the dashboard ---------------------------------------
 
 TINY = {"steps": 20, "log_every": 5, "eval_every": 10, "ckpt_every": 10, "vocab_size": 300,
