@@ -67,6 +67,7 @@ from sedd_ray.compare import (  # noqa: E402
 )
 from sedd_ray.io import local_path  # noqa: E402
 from sedd_ray.layout import StudyLayout, TrainerFiles  # noqa: E402
+from sedd_ray.optuna_store import optuna_study, write_optuna_plots  # noqa: E402,F401 (Optuna's tools)
 from sedd_ray.results import (  # noqa: E402
     FINISHED_STATUSES,
     ResultsError,

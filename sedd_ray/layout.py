@@ -6,6 +6,7 @@ A study (``StudyLayout(storage, study)``)::
     <storage>/<study>/evals.parquet                           evaluations (sedd_ray.evaluate)
     <storage>/<study>/history/part-<trial>-<seq>.parquet      per-step rows (results.py)
     <storage>/<study>/tune/                                   Ray Tune's experiment state
+    <storage>/<study>/optuna.db                               its Optuna studies (optuna_store.py)
     <storage>/<study>/train/<trial>/                          the trial's Ray Train run
 
 A Ray Train run (``RunLayout(storage, name)``; a study's trial is ``study.trial(id)``)::
@@ -136,6 +137,11 @@ class StudyLayout:
 
     # Part names as a regex (results.py lists the finished parts with it).
     HISTORY_PART = r"part-(?P<trial>.+)-(?P<seq>\d+)\.parquet"
+
+    @property
+    def optuna_file(self) -> str:
+        """The default Optuna storage (an SQLite file) of the study's Optuna studies."""
+        return join(self.dir, "optuna.db")
 
     # Ray Tune's experiment: RunConfig(name=TUNE_NAME, storage_path=study.dir).
     TUNE_NAME = "tune"

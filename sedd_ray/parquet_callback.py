@@ -33,6 +33,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from sedd_ray import optuna_store
 from sedd_ray.config import ConfigError
 from sedd_ray.layout import StudyLayout
 from sedd_ray.results import ResultsWriter, config_columns, trial_row_from_config
@@ -146,6 +147,7 @@ class ParquetCallback(Callback):
         if backfill:
             self._backfill_history(row["trial_id"])
         self._w().flush()
+        optuna_store.mirror_row(self.storage, self.spec, row, finished=backfill)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._resumed(trial.trial_id)
@@ -161,6 +163,7 @@ class ParquetCallback(Callback):
         if not result.get("summary") and "step" in step:
             self._w().append_history(trial.trial_id, [step])
         self._write(row)
+        optuna_store.mirror_result(self.storage, self.spec, row, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial, "terminated")

@@ -108,6 +108,7 @@ class StudySpec:
     max_failures: int = 1  # Train-level retries of one trial
     searcher_seed: int = 0
     points: list[dict[str, Any]] = field(default_factory=list)  # search mode: tried first
+    optuna_storage: str | None = None  # Optuna storage URL; None: <study>/optuna.db (optuna_store)
 
     def validate(self) -> StudySpec:
         # A fixed parameter is not searched (``--set lr=1e-3`` pins it).
@@ -303,6 +304,7 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     waited for, for at most ``resource_timeout`` seconds."""
     from ray import tune
 
+    from sedd_ray import optuna_store
     from sedd_ray.checkpoint import ensure_writable_dir, precheck_writable_dir
     from sedd_ray.launch import connect
 
@@ -310,6 +312,7 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     storage = normalize(storage)
     if is_local(storage):  # an impossible storage path fails now, creating nothing
         precheck_writable_dir(storage, "--storage")
+    optuna_url = optuna_store.prepare(spec, storage)  # an unreachable URL fails before Ray
     _precheck_data(spec)  # a missing, empty or too short corpus fails before Ray starts
     # A new local cluster gets the driver resource too (cluster.yaml declares it on the head).
     connect(address, resources={DRIVER_RESOURCE: 1000})
@@ -332,6 +335,7 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
         if resume:
             print(f"nothing to resume at {tune_dir}; starting the study", flush=True)
         tuner = _new_tuner(spec, storage, driver, verbose)
+    optuna_store.activate(spec, storage, optuna_url)  # Optuna's storage re-synced from Parquet
     print(f"study {spec.name!r}: results in {study_dir}", flush=True)
     tuner.fit()
     return study_dir
@@ -475,6 +479,10 @@ def add_study_flags(p: Any, default_trials: int = 2) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a parameter for every trial, e.g. --set batch_size=32")
     p.add_argument("--smoke-test", action="store_true", help="seconds per trial, 1 trial per level")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="Optuna storage of the study's Optuna studies: a database URL "
+                   "(postgresql://...), an SQLite file path, or none (default: "
+                   "<storage>/<study>/optuna.db; remote --storage: a local cache file)")
 
 
 def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
@@ -503,6 +511,7 @@ def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
         fixed["steps"] = args.steps
     if args.name and "name" not in study_kw:
         kw["name"] = args.name
+    kw["optuna_storage"] = getattr(args, "optuna_storage", None)
     kw["fixed"] = fixed
     return STUDIES.get(study)(**kw).validate()
 

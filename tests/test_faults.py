@@ -36,6 +36,7 @@ from raytools import (
     plain_reference,
     weights_sha,
 )
+from test_optuna_store import assert_mirrors_parquet
 
 from sedd_ray import checkpoint as ckpt
 from sedd_ray.layout import StudyLayout, TrainerFiles
@@ -171,6 +172,8 @@ def test_driver_killed_twice_resume_completes_every_trial_once(tmp_path):
     assert (df["status"] == "terminated").all(), df[["trial_id", "status", "error"]]
     assert sorted(df["level"]) == ["absorb", "uniform"]
     assert (df["step"] == 30).all() and df["val_nll"].notna().all()
+    # Optuna's storage mirrors Parquet after both kills: no duplicate, no missing trial.
+    assert assert_mirrors_parquet(storage, "graph-ablation") == 2
     hist = read_history(storage, "graph-ablation")
     for kill in (first, second):
         # The trial in flight at each kill resumed from its checkpoint, not from step 0:
