@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from test_bad_input import no_compute, run_cli, snapshot  # noqa: F401  (a fixture)
+from test_bad_input import test_experiment_scripts_refuse_bad_input as script_refuses
 
 from sedd_ray import study as study_cli
 from sedd_ray.parquet_callback import ParquetCallback
@@ -203,13 +203,4 @@ def study_cli_args(storage: Path) -> SimpleNamespace:
 ])
 def test_experiment_scripts_refuse_bad_replication_input(script, flags, match, tmp_path, capfd,
                                                          no_compute):  # noqa: F811
-    import importlib
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    try:
-        module = importlib.import_module(f"experiments.{script}")
-    finally:
-        sys.path.pop(0)
-    rc, line = run_cli(capfd, module.main, [*flags, "--storage", str(tmp_path / "results")])
-    assert rc == 2 and re.search(match, line), line
-    assert list(tmp_path.iterdir()) == []
+    script_refuses(script, flags, match, tmp_path, capfd, no_compute)
