@@ -297,26 +297,31 @@ def replicate_seeds(spec: StudySpec) -> list[int]:
 def tuned_winners(spec: StudySpec, trials: Any) -> list[tuple[Any, dict[str, Any]]]:
     """``(level, row)`` of each level's best finished tuning trial in ``trials`` (the
     DataFrame of :func:`sedd_ray.results.read_trials`); search mode: ``[(None, best)]``.
-    Ranked by ``val_nll_final`` (the final evaluation) when the table has that column,
-    else by the study's metric; ties go to the lower trial id. Raises
-    :class:`ReplicationError` naming every level without a finished tuning trial."""
-    import math
+    Ranked by ``val_nll_final`` (the final evaluation) where a trial has one, else by the
+    study's metric (``val_nll``, which equals ``val_nll_final`` on a finished trial that
+    has both); ties go to the lower trial id. Raises :class:`ReplicationError` naming
+    every level without a finished tuning trial."""
+    import numpy as np
+    import pandas as pd
 
     from sedd_ray.results import FINISHED_STATUSES
 
-    metric = "val_nll_final" if "val_nll_final" in trials.columns else spec.metric
+    score = pd.to_numeric(trials[spec.metric], errors="coerce").astype(float)
+    if "val_nll_final" in trials.columns:
+        final = pd.to_numeric(trials["val_nll_final"], errors="coerce").astype(float)
+        score = final.where(np.isfinite(final), score)
+    trials = trials.assign(_score=score)
     if "phase" in trials.columns:  # rows written before the column existed are tuning rows
         trials = trials[trials["phase"].fillna("tune") == "tune"]
     winners, missing = [], []
     for level in spec.levels if spec.ablate else [None]:
         rows = trials if level is None else trials[trials["level"] == str(level)]
-        ok = rows[rows["status"].isin(FINISHED_STATUSES)
-                  & rows[metric].map(lambda v: v is not None and math.isfinite(float(v)))]
+        ok = rows[rows["status"].isin(FINISHED_STATUSES) & np.isfinite(rows["_score"])]
         if ok.empty:
             missing.append(_no_winner(level, rows))
             continue
-        best = ok.sort_values([metric, "trial_id"], ascending=[spec.mode == "min", True])
-        winners.append((level, best.iloc[0].to_dict()))
+        best = ok.sort_values(["_score", "trial_id"], ascending=[spec.mode == "min", True])
+        winners.append((level, best.iloc[0].drop("_score").to_dict()))
     if missing:
         raise ReplicationError(
             f"study {spec.name!r} cannot replicate: {'; '.join(missing)}. Replication re-runs "

@@ -98,13 +98,17 @@ def test_each_levels_best_finished_tuning_trial_is_replicated_with_the_same_seed
     assert "sigma_min" not in configs[1]  # a1 is loglinear: the conditional param stays out
 
 
-def test_the_final_evaluation_ranks_when_the_table_has_it(tmp_path):
+def test_the_final_evaluation_ranks_where_a_trial_has_it(tmp_path):
     spec = _spec()
     # val_nll says a1, the final evaluation says a0 (and u0 over u1)
     _tuned(tmp_path, spec, TRIALS, u0={"val_nll_final": 5.0}, u1={"val_nll_final": 5.5},
            a0={"val_nll_final": 4.5}, a1={"val_nll_final": 4.8})
     winners = tuned_winners(spec, read_trials(tmp_path, "abl"))
     assert [(lv, row["trial_id"]) for lv, row in winners] == [("uniform", "u0"), ("absorb", "a0")]
+    # a finished trial without a final evaluation is ranked by its val_nll
+    _tuned(tmp_path / "b", spec, TRIALS, u0={"val_nll_final": 5.0}, a0={"val_nll_final": 4.95})
+    winners = tuned_winners(spec, read_trials(tmp_path / "b", "abl"))
+    assert [row["trial_id"] for _, row in winners] == ["u0", "a1"]  # a1: val_nll 4.9
 
 
 def test_replicate_rows_never_win_and_search_mode_replicates_its_top_config(tmp_path):
