@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -208,3 +209,36 @@ def study_cli_args(storage: Path) -> SimpleNamespace:
 def test_experiment_scripts_refuse_bad_replication_input(script, flags, match, tmp_path, capfd,
                                                          no_compute):  # noqa: F811
     script_refuses(script, flags, match, tmp_path, capfd, no_compute)
+
+
+def test_a_script_whose_tuning_left_a_level_without_a_trial_reports_and_exits_1(
+        tmp_path, capfd, monkeypatch):
+    """The tuning ran (here: its Parquet) but a level has no finished trial: the script
+    still writes the report, says which level and why, and exits 1."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        ablate_graph = importlib.import_module("experiments.ablate_graph")
+    finally:
+        sys.path.pop(0)
+    spec = _spec(name="graph-ablation")
+    _tuned(tmp_path, spec, [("u0", TRIALS[0][1], "terminated", 5.0),
+                            ("a2", TRIALS[4][1], "error", None)])
+
+    def after_tuning(spec, storage, **kw):  # what run_study raises once its tuning ran
+        try:
+            replicate_configs(spec, storage)
+        except ReplicationError as e:
+            raise ReplicationError(str(e), exit_code=1) from None
+        raise AssertionError("replication planned without a finished absorb trial")
+
+    monkeypatch.setattr(study_cli, "run_study", after_tuning)
+    rc = ablate_graph.main(["--smoke-test", "--storage", str(tmp_path)])
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, err
+    assert lines[0].startswith("error: study 'graph-ablation' cannot replicate: level 'absorb' "
+                               "has no finished tuning trial (1 error; e.g. NonFiniteLossError")
+    assert (tmp_path / "graph-ablation" / "report.md").is_file()
+    assert f"report: {tmp_path / 'graph-ablation' / 'report.md'}" in out
