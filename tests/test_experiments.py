@@ -234,11 +234,12 @@ def test_report_has_one_row_per_level_and_its_plots(smoke_study):
     assert "## Samples from the best trial" in report and "```text" in report
     trials = read_trials(storage, "graph-ablation")
     assert set(trials["status"]) == {"terminated"} and trials["checkpoint_path"].notna().all()
-    # both phases: each graph's tuned config re-run with the same 2 fresh seeds
+    # both phases: each graph's tuned config re-run with the same 2 fresh seeds (the
+    # script's tuning seeds are 0 and 1: the replicates get 2 and 3)
     assert sorted(trials["phase"]) == ["replicate"] * 4 + ["tune"] * 2
     rep = trials[trials["phase"] == "replicate"]
-    assert sorted(zip(rep["level"], rep["seed"])) == [("absorb", 1), ("absorb", 2),
-                                                      ("uniform", 1), ("uniform", 2)]
+    assert sorted(zip(rep["level"], rep["seed"])) == [("absorb", 2), ("absorb", 3),
+                                                      ("uniform", 2), ("uniform", 3)]
 
 
 @pytest.mark.ray
