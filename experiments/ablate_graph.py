@@ -37,10 +37,11 @@ from experiments.common import (  # noqa: E402
 )
 
 # 2 graphs x (2 tuning trials + 3 replicates) of the tiny model at 1,000 steps, 2 trials at
-# a time on 2 CPU cores. Measured here: one trial trains in 38-55 s on one core (quiet),
-# and a Ray Train trial adds about 20 s (worker group start, checkpoints, the driver):
-# 5 rounds of 2 trials, about 6 minutes quiet; about twice that with the cores shared by
-# other jobs (load 8-12). The final evaluation's budget comes from common.FINAL_EVAL.
+# a time on 2 CPU cores: 5 rounds of 2 trials. Measured here: one trial trains in 38-55 s
+# on one core (plain trainer, quiet); one round of 2 such trials in a study took 73 s
+# (86 s with ray.init) with the cores shared by other jobs (load 5), so the study takes
+# about 6-7 minutes, and about twice that under heavier load. The final evaluation's
+# budget (common.FINAL_EVAL) adds to every trial: re-measure when it is set.
 DEFAULTS = Defaults(preset="tiny", steps=1000, trials_per_level=2, replicates=3,
                     settings=FINAL_EVAL)
 
