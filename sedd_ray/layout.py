@@ -5,7 +5,8 @@ A study (``StudyLayout(storage, study)``)::
     <storage>/<study>/trials.parquet                          one row per trial (results.py)
     <storage>/<study>/evals.parquet                           evaluations (sedd_ray.evaluate)
     <storage>/<study>/history/part-<trial>-<seq>.parquet      per-step rows (results.py)
-    <storage>/<study>/tune/                                   Ray Tune's experiment state
+    <storage>/<study>/tune/                                   Ray Tune's experiment: tuning phase
+    <storage>/<study>/replicate/                              Ray Tune's experiment: replication
     <storage>/<study>/optuna.db                               its Optuna studies (optuna_store.py)
     <storage>/<study>/train/<trial>/                          the trial's Ray Train run
 
@@ -149,6 +150,13 @@ class StudyLayout:
     @property
     def tune_dir(self) -> str:
         return join(self.dir, self.TUNE_NAME)
+
+    # The replication phase's own Tune experiment, beside the tuning phase's.
+    REPLICATE_NAME = "replicate"
+
+    @property
+    def replicate_dir(self) -> str:
+        return join(self.dir, self.REPLICATE_NAME)
 
     @property
     def train_dir(self) -> str:

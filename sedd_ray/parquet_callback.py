@@ -7,10 +7,12 @@ list to edit: every numeric key of a Tune result (Tune's own bookkeeping keys as
 trial's row. Keys that are columns of the fixed schemas land in them; any other lands in
 the row's ``extra`` and reaches :func:`sedd_ray.results.read_trials` /
 :func:`~sedd_ray.results.read_history` as a typed column of its own. A few trial
-columns are derived rather than copied (:data:`DERIVED`): the best and the last periodic
+columns are derived rather than copied (:data:`DERIVED`): the best and the final
 ``val_nll``, the perplexity bound, the bound gap and the driver's wall time. ``val_nll`` is
 the final evaluation (``val_nll_final``, the trainer's final row) once the trial has one,
-else the best periodic evaluation; ``data_identity`` (a string) is copied too.
+else the best periodic evaluation; ``data_identity`` (a string) is copied too. The study's
+bookkeeping keys of a trial's config become the ``level``, ``phase`` (``"tune"`` or
+``"replicate"``) and ``replicate_of`` columns (:func:`sedd_ray.study.trial_phase`).
 
 Resume: a restored study (the driver restarted) starts this callback afresh; the first
 time it sees a trial it takes the trial's start time and best ``val_nll`` back from the
@@ -37,6 +39,7 @@ from sedd_ray import optuna_store
 from sedd_ray.config import ConfigError
 from sedd_ray.layout import StudyLayout
 from sedd_ray.results import ResultsWriter, config_columns, trial_row_from_config
+from sedd_ray.study import trial_params, trial_phase
 from sedd_ray.values import perplexity
 
 __all__ = ["DERIVED", "TUNE_KEYS", "ParquetCallback", "history_row", "merge_metrics",
@@ -127,7 +130,7 @@ class ParquetCallback(Callback):
 
     def _row(self, trial: Any, status: str, error: str | None = None) -> dict[str, Any]:
         spec = self.spec
-        params = {k: v for k, v in trial.config.items() if k != "level"}
+        params = trial_params(trial.config)
         row = self._resumed(trial.trial_id)
         try:
             row.update(trial_row_from_config(spec.trial_config(params)))
@@ -136,6 +139,7 @@ class ParquetCallback(Callback):
             error = error or str(e)
         row.update(study=spec.name, trial_id=trial.trial_id, status=status, error=error,
                    ablated_axis=spec.ablate, level=trial.config.get("level"),
+                   phase=trial_phase(trial.config), replicate_of=trial.config.get("replicate_of"),
                    devices=spec.num_workers * (spec.gpus_per_worker or 1), **_versions())
         return row
 

@@ -127,6 +127,10 @@ _TRIALS_HEAD: list[pa.Field] = [
     pa.field("error", pa.string()),
     pa.field("ablated_axis", pa.string()),
     pa.field("level", pa.string()),
+    # Which phase of a study ran the trial (study.PHASES: "tune" | "replicate") and, for a
+    # replicate, the id of the tuning trial whose config it re-runs with a fresh seed.
+    pa.field("phase", pa.string()),
+    pa.field("replicate_of", pa.string()),
 ]
 _TRIALS_TAIL: list[pa.Field] = [
     pa.field("n_params", pa.int64()),

@@ -18,6 +18,10 @@ the ``Searcher`` protocol, on the study's driver process:
   and restores it on ``Tuner.restore`` (``--resume``), so a resumed study keeps its
   per-level counts and Optuna studies.
 
+The replication phase of a study (nothing searched: each level's best tuned config with
+fresh seeds) runs its fixed list of configs through :class:`ListSearcher`, so Tune
+checkpoints and restores its position the same way.
+
 Unlike :mod:`sedd_ray.study`, this module imports Ray and Optuna when it is imported.
 """
 
@@ -121,3 +125,39 @@ class LevelSearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             state = cloudpickle.load(f)
         self.counts, self.owner, self.subs = state["counts"], state["owner"], state["subs"]
+
+
+class ListSearcher(Searcher):
+    """The replication phase's searcher: suggests ``configs`` in order, each exactly once,
+    then ``FINISHED``. Nothing is searched, so results teach it nothing; its position is
+    saved with the experiment, so a restored phase (``--resume``) suggests neither a
+    config twice nor one never."""
+
+    def __init__(self, configs: Sequence[Mapping[str, Any]], *, metric: str, mode: str) -> None:
+        if not configs:
+            raise ValueError("ListSearcher needs at least one config")
+        super().__init__(metric=metric, mode=mode)
+        self.configs = [dict(c) for c in configs]
+        self.next = 0  # index of the next config to suggest
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # every config is given; Tune's param_space adds nothing
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str:
+        if self.next >= len(self.configs):
+            return Searcher.FINISHED
+        self.next += 1
+        return dict(self.configs[self.next - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        pass  # nothing to learn: the configs are fixed
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            cloudpickle.dump({"configs": self.configs, "next": self.next}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = cloudpickle.load(f)
+        self.configs, self.next = state["configs"], state["next"]

@@ -16,8 +16,25 @@ Two modes:
   sequence) and its own Optuna searcher, which tunes only the nuisance parameters within
   that level, so levels compare fairly.
 
-``--resume`` restores an interrupted study with ``Tuner.restore`` (unfinished and errored
-trials resumed; a Train run resumes from its own latest checkpoint).
+An ablation (and, with ``replicates``, a search) runs in phases, each a Tune experiment
+of its own under the study folder and each resumable:
+
+1. **tune** (``<study>/tune/``) - the search above; equal budget per level.
+2. **replicate** (``<study>/replicate/``) - each level's best finished tuning trial (by
+   ``val_nll_final``, the final evaluation, where the trials have that column; else by the
+   study's metric) re-run with ``replicates`` fresh training seeds at the full budget: the
+   same seeds for every level (:func:`replicate_seeds`), so levels pair by seed. It starts
+   only once every level has a finished tuning trial (else :class:`ReplicationError`).
+3. **compare** - the report (``experiments/analyze.py``) compares the levels, from
+   Parquet only.
+
+Every row of ``trials.parquet`` says its ``phase`` (``"tune"`` or ``"replicate"``) and,
+for a replicate, ``replicate_of`` (the tuning trial whose config it copies).
+
+``--resume`` (or running the same study again) restores whichever phase is unfinished
+with ``Tuner.restore`` (unfinished and errored trials resumed; a Train run resumes from
+its own latest checkpoint), so every trial is recorded exactly once. Once replication
+has started, the tuning phase is final.
 """
 
 from __future__ import annotations
@@ -36,6 +53,33 @@ from sedd_ray.io import is_local, normalize
 from sedd_ray.layout import StudyLayout
 from sedd_ray.preflight import DEFAULT_RESOURCE_TIMEOUT_S
 from sedd_ray.registry import Registry
+
+# The phases of a study, in order (the ``phase`` column of trials.parquet).
+PHASES = ("tune", "replicate")
+DEFAULT_REPLICATES = 3  # fresh seeds per level in an ablation's replication phase
+SMOKE_REPLICATES = 2  # with --smoke-test: both phases run, in seconds
+# Keys of a Tune trial's config that are bookkeeping, not run-config parameters.
+TRIAL_KEYS = ("level", "replicate_of")
+
+
+class ReplicationError(ConfigError):
+    """Replication cannot start: a level has no finished tuning trial. ``exit_code`` is 2
+    when nothing ran (bad input: replication asked of a study without tuning results)
+    and 1 when the study's own tuning trials all failed for a level."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-config parameters of a Tune trial's config (its bookkeeping keys aside)."""
+    return {k: v for k, v in config.items() if k not in TRIAL_KEYS}
+
+
+def trial_phase(config: Mapping[str, Any]) -> str:
+    """The phase that ran a trial with this Tune config: a replicate names its original."""
+    return "replicate" if config.get("replicate_of") else "tune"
 
 # --- search space -------------------------------------------------------------------------
 
@@ -109,6 +153,7 @@ class StudySpec:
     searcher_seed: int = 0
     points: list[dict[str, Any]] = field(default_factory=list)  # search mode: tried first
     optuna_storage: str | None = None  # Optuna storage URL; None: <study>/optuna.db (optuna_store)
+    replicates: int = 0  # fresh seeds per level in the replication phase; 0 = no such phase
 
     def validate(self) -> StudySpec:
         # A fixed parameter is not searched (``--set lr=1e-3`` pins it).
@@ -117,7 +162,8 @@ class StudySpec:
             raise ConfigError(f"study name {self.name!r} must be a plain folder name")
         if self.ablate:
             if len(self.levels) < 2:
-                raise ConfigError(f"ablating {self.ablate!r} needs at least 2 levels, got {self.levels}")
+                raise ConfigError(f"ablating {self.ablate!r} needs at least 2 levels to compare, "
+                                  f"got {self.levels}; name two or more")
             if self.ablate in self.space:
                 raise ConfigError(f"{self.ablate!r} is ablated; remove it from the search space")
             if self.trials_per_level < 1:
@@ -126,6 +172,9 @@ class StudySpec:
             raise ConfigError("num_trials must be >= 1")
         if not self.seeds:
             raise ConfigError("a study needs at least one seed")
+        if self.replicates < 0:
+            raise ConfigError(f"replicates must be >= 0 (0: no replication phase), got "
+                              f"{self.replicates}")
         if self.num_workers < 1:
             raise ConfigError(f"workers per trial must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
@@ -236,6 +285,106 @@ def make_searcher(spec: StudySpec):
                          per_level=spec.trials_per_level if spec.ablate else spec.num_trials)
 
 
+# --- the replication phase ------------------------------------------------------------------
+
+def replicate_seeds(spec: StudySpec) -> list[int]:
+    """The replication phase's training seeds: the ``replicates`` integers after the
+    largest tuning seed. The same for every level (the comparison pairs levels by seed)
+    and never a tuning seed (a replicate is a fresh draw, not a tuning trial re-run)."""
+    start = max(spec.seeds) + 1
+    return list(range(start, start + spec.replicates))
+
+
+def tuned_winners(spec: StudySpec, trials: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """``(level, row)`` of each level's best finished tuning trial in ``trials`` (the
+    DataFrame of :func:`sedd_ray.results.read_trials`); search mode: ``[(None, best)]``.
+    Ranked by ``val_nll_final`` (the final evaluation) where a trial has one, else by the
+    study's metric (``val_nll``, which equals ``val_nll_final`` on a finished trial that
+    has both); ties go to the lower trial id. Raises :class:`ReplicationError` naming
+    every level without a finished tuning trial."""
+    import numpy as np
+    import pandas as pd
+
+    from sedd_ray.results import FINISHED_STATUSES
+
+    score = pd.to_numeric(trials[spec.metric], errors="coerce").astype(float)
+    if "val_nll_final" in trials.columns:
+        final = pd.to_numeric(trials["val_nll_final"], errors="coerce").astype(float)
+        score = final.where(np.isfinite(final), score)
+    trials = trials.assign(_score=score)
+    if "phase" in trials.columns:  # rows written before the column existed are tuning rows
+        trials = trials[trials["phase"].fillna("tune") == "tune"]
+    winners, missing = [], []
+    for level in spec.levels if spec.ablate else [None]:
+        rows = trials if level is None else trials[trials["level"] == str(level)]
+        ok = rows[rows["status"].isin(FINISHED_STATUSES) & np.isfinite(rows["_score"])]
+        if ok.empty:
+            missing.append(_no_winner(level, rows))
+            continue
+        best = ok.sort_values(["_score", "trial_id"], ascending=[spec.mode == "min", True])
+        winners.append((level, best.iloc[0].drop("_score").to_dict()))
+    if missing:
+        raise ReplicationError(
+            f"study {spec.name!r} cannot replicate: {'; '.join(missing)}. Replication re-runs "
+            "each level's best finished tuning trial, so every level needs one: fix the cause "
+            "and run the study again with --resume (errored trials are retried)")
+    return winners
+
+
+def _no_winner(level: Any, rows: Any) -> str:
+    """Why ``level`` (None: the search) has no finished tuning trial, in a few words."""
+    what = "the search" if level is None else f"level {str(level)!r}"
+    if rows.empty:
+        return f"{what} has no tuning trial yet"
+    counts = rows["status"].value_counts()
+    seen = ", ".join(f"{n} {s}" for s, n in counts.items())
+    errors = [e for e in rows.get("error", []) if isinstance(e, str) and e]
+    return (f"{what} has no finished tuning trial ({seen}"
+            + (f"; e.g. {errors[0]}" if errors else "") + ")")
+
+
+def tuned_params(spec: StudySpec, level: Any, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The params that rebuild the tuning trial of ``row`` (a trials.parquet row): the
+    level and every searched parameter's column value (a conditional one that was not
+    suggested is null there and stays out). ``spec.trial_config`` adds the fixed ones."""
+    import math
+
+    from sedd_ray.config import short_names
+    from sedd_ray.results import config_columns
+
+    columns, names = config_columns(), short_names()
+    params: dict[str, Any] = dict(spec.constants(level))
+    for name in spec.space:
+        flat = "model.name" if name == "model" else names.get(name, name)
+        value = row.get(columns.get(flat, name))
+        if hasattr(value, "item"):  # a numpy scalar from pandas: a plain Python value
+            value = value.item()
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            params[name] = value
+    return {k: v for k, v in params.items() if k not in spec.fixed}
+
+
+def replicate_configs(spec: StudySpec, storage: str) -> list[dict[str, Any]]:
+    """The replication phase's Tune configs, seed by seed (every level's replicate of one
+    seed before the next seed's): each level's best tuned params with a fresh seed, its
+    ``level`` and ``replicate_of`` (the tuning trial's id). Raises
+    :class:`ReplicationError` (nothing written) when a level has no finished tuning trial
+    or the study has no results at all."""
+    from sedd_ray.results import ResultsError, read_trials
+
+    try:
+        trials = read_trials(storage, spec.name)
+    except (ResultsError, FileNotFoundError):
+        raise ReplicationError(
+            f"study {spec.name!r} has no tuning results under {storage}: replication re-runs "
+            "each level's best finished tuning trial; run the tuning phase first (without "
+            "--phase, or --phase tune)") from None
+    winners = tuned_winners(spec, trials)
+    return [{**tuned_params(spec, level, row), "seed": seed,
+             **({} if level is None else {"level": str(level)}), "replicate_of": row["trial_id"]}
+            for seed in replicate_seeds(spec) for level, row in winners]
+
+
 # --- the per-trial driver ------------------------------------------------------------------
 
 def _trial_driver(config: dict[str, Any], spec: dict[str, Any], storage: str) -> None:
@@ -246,8 +395,7 @@ def _trial_driver(config: dict[str, Any], spec: dict[str, Any], storage: str) ->
     from sedd_ray.launch import launch
 
     spec = StudySpec(**{**spec, "space": {}})
-    params = {k: v for k, v in config.items() if k != "level"}
-    cfg = spec.trial_config(params)  # ConfigError -> the trial errors with the message
+    cfg = spec.trial_config(trial_params(config))  # ConfigError -> the trial errors with the message
     trial_id = ray.tune.get_context().get_trial_id()
     # The workers' reports reach Tune through TuneReportCallback, the final one with the
     # final checkpoint's path ("checkpoint_path"); nothing more to report here.
@@ -296,12 +444,18 @@ def max_concurrent_trials(spec: StudySpec) -> int:
     return max(1, int(have // per_trial))
 
 
-def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: str | None = None,
-              verbose: int = 1, resource_timeout: float = DEFAULT_RESOURCE_TIMEOUT_S) -> str:
-    """Run (or, with ``resume``, restore and finish) a study; returns the study directory.
-    A study the cluster can never hold raises :class:`~sedd_ray.preflight.ResourceError`
-    before anything is written; on an autoscaling cluster the first trial's resources are
-    waited for, for at most ``resource_timeout`` seconds."""
+def run_study(spec: StudySpec, storage: str, *, resume: bool = False, phase: str = "all",
+              address: str | None = None, verbose: int = 1,
+              resource_timeout: float = DEFAULT_RESOURCE_TIMEOUT_S) -> str:
+    """Run (or restore and finish) the study's phases; returns the study directory.
+
+    ``phase``: ``"all"`` (tuning, then replication when ``spec.replicates``), ``"tune"`` or
+    ``"replicate"`` (only that phase). A phase whose Tune experiment exists is restored,
+    with or without ``resume``, so nothing runs twice. A study the cluster can never hold
+    raises :class:`~sedd_ray.preflight.ResourceError`, and replication asked of a study
+    without a finished tuning trial per level :class:`ReplicationError`, before anything
+    is written; on an autoscaling cluster the first trial's resources are waited for, for
+    at most ``resource_timeout`` seconds."""
     from ray import tune
 
     from sedd_ray import optuna_store
@@ -309,7 +463,11 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     from sedd_ray.launch import connect
 
     spec.validate()
+    phases = study_phases(spec, phase)
     storage = normalize(storage)
+    layout = StudyLayout(storage, spec.name)
+    if phases == ("replicate",) and not tune.Tuner.can_restore(layout.replicate_dir):
+        replicate_configs(spec, storage)  # no tuned config for a level: fails writing nothing
     if is_local(storage):  # an impossible storage path fails now, creating nothing
         precheck_writable_dir(storage, "--storage")
     optuna_url = optuna_store.prepare(spec, storage)  # an unreachable URL fails before Ray
@@ -319,8 +477,6 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     preflight.check(study_ask(spec), timeout_s=resource_timeout)  # before anything is written
     if is_local(storage):  # read-only or full disk: fails here, before any trial
         ensure_writable_dir(storage, "--storage")
-    layout = StudyLayout(storage, spec.name)
-    study_dir, tune_dir = layout.dir, layout.tune_dir
     # Train reports val_nll only at evaluation steps; ASHA and Optuna skip results without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our trimmed CLIReporter table
@@ -328,17 +484,72 @@ def run_study(spec: StudySpec, storage: str, *, resume: bool = False, address: s
     driver = tune.with_resources(
         tune.with_parameters(_trial_driver, spec=spec_dict, storage=storage), driver_resources()
     )
-    if resume and tune.Tuner.can_restore(tune_dir):
-        tuner = tune.Tuner.restore(tune_dir, trainable=driver, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        if resume:
-            print(f"nothing to resume at {tune_dir}; starting the study", flush=True)
-        tuner = _new_tuner(spec, storage, driver, verbose)
+    print(f"study {spec.name!r}: results in {layout.dir}", flush=True)
     optuna_store.activate(spec, storage, optuna_url)  # Optuna's storage re-synced from Parquet
-    print(f"study {spec.name!r}: results in {study_dir}", flush=True)
-    tuner.fit()
-    return study_dir
+    # Once replication has started the tuning phase is final (its winners are chosen).
+    if "tune" in phases and not tune.Tuner.can_restore(layout.replicate_dir):
+        _tuning_tuner(spec, storage, driver, resume, verbose).fit()
+    if "replicate" in phases:
+        _replication_tuner(spec, storage, driver, resume, verbose).fit()
+    return layout.dir
+
+
+def study_phases(spec: StudySpec, phase: str = "all") -> tuple[str, ...]:
+    """The phases a run of ``spec`` with ``--phase phase`` goes through, in order."""
+    if phase not in ("all", *PHASES):
+        raise ConfigError(f"unknown phase {phase!r}; valid phases: all, {', '.join(PHASES)}")
+    if phase == "replicate" and not spec.replicates:
+        raise ConfigError("--phase replicate needs --replicates K (fresh seeds per level), "
+                          "e.g. --replicates 3")
+    if phase == "all":
+        return PHASES if spec.replicates else PHASES[:1]
+    return (phase,)
+
+
+def _restore(path: str, driver: Any, what: str, resume: bool) -> Any:
+    """The Tune experiment at ``path``, restored: unfinished and errored trials go on."""
+    from ray import tune
+
+    if not resume:
+        print(f"{what} already started at {path}: resuming it (pass --name for a new study)",
+              flush=True)
+    return tune.Tuner.restore(path, trainable=driver, resume_unfinished=True,
+                              resume_errored=True)
+
+
+def _tuning_tuner(spec: StudySpec, storage: str, driver: Any, resume: bool, verbose: int):
+    from ray import tune
+
+    tune_dir = StudyLayout(storage, spec.name).tune_dir
+    if tune.Tuner.can_restore(tune_dir):
+        return _restore(tune_dir, driver, f"the tuning phase of study {spec.name!r}", resume)
+    if resume:
+        print(f"nothing to resume at {tune_dir}; starting the study", flush=True)
+    return _new_tuner(spec, storage, driver, verbose)
+
+
+def _replication_tuner(spec: StudySpec, storage: str, driver: Any, resume: bool, verbose: int):
+    """The replication phase's Tuner: restored when it has started (its configs fixed
+    then), else new, from the tuning phase's winners in Parquet."""
+    from ray import tune
+
+    from sedd_ray.searcher import ListSearcher
+
+    rep_dir = StudyLayout(storage, spec.name).replicate_dir
+    if tune.Tuner.can_restore(rep_dir):
+        return _restore(rep_dir, driver, f"the replication phase of study {spec.name!r}",
+                        resume)
+    try:
+        configs = replicate_configs(spec, storage)
+    except ReplicationError as e:  # the study's own tuning trials failed: compute ran
+        raise ReplicationError(str(e), exit_code=1) from None
+    originals = {c.get("level", "top config"): c["replicate_of"] for c in configs}
+    print(f"study {spec.name!r}: replicating the best tuning trial of each level ("
+          + ", ".join(f"{lv}: {t}" for lv, t in originals.items())
+          + f") with seeds {replicate_seeds(spec)}: {len(configs)} trials", flush=True)
+    searcher = ListSearcher(configs, metric=spec.metric, mode=spec.mode)
+    return _tuner(spec, storage, driver, verbose, StudyLayout.REPLICATE_NAME, searcher,
+                  len(configs), scheduler=None)
 
 
 def study_ask(spec: StudySpec) -> preflight.Ask:
@@ -364,7 +575,7 @@ def _precheck_data(spec: StudySpec) -> None:
 
 
 def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
-    from ray import tune
+    """The tuning phase's Tuner: the study's searcher, ASHA when asked."""
     from ray.tune.schedulers import ASHAScheduler
 
     base = preset(spec.base)
@@ -375,6 +586,15 @@ def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
             time_attr="step", max_t=steps, grace_period=spec.grace_period or max(1, steps // 4),
             reduction_factor=spec.reduction_factor, stop_last_trials=False,
         )
+    return _tuner(spec, storage, driver, verbose, StudyLayout.TUNE_NAME, make_searcher(spec),
+                  spec.total_trials, scheduler)
+
+
+def _tuner(spec: StudySpec, storage: str, driver, verbose: int, name: str, searcher: Any,
+           num_samples: int, scheduler: Any):
+    """A Tune experiment ``<study>/<name>`` of the study's trials, writing its Parquet."""
+    from ray import tune
+
     reporter = tune.CLIReporter(
         metric_columns=["step", "train_loss", "val_nll", "val_ppl_bound"],
         # Only keys every trial's config has: the reporter's best-trial line raises a
@@ -387,11 +607,11 @@ def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
     return tune.Tuner(
         driver,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(spec), scheduler=scheduler, num_samples=spec.total_trials,
+            search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
             max_concurrent_trials=max_concurrent_trials(spec), metric=spec.metric, mode=spec.mode,
         ),
         run_config=tune.RunConfig(
-            name=StudyLayout.TUNE_NAME, storage_path=StudyLayout(storage, spec.name).dir,
+            name=name, storage_path=StudyLayout(storage, spec.name).dir,
             callbacks=[_results_callback(spec, storage)], progress_reporter=reporter,
             failure_config=tune.FailureConfig(max_failures=0), verbose=verbose,
         ),
@@ -409,6 +629,7 @@ _SIGMA_MIN = Float(1e-5, 1e-3, log=True, when={"noise": "geometric"})
 def graph_ablation(**kw: Any) -> StudySpec:
     """Uniform vs absorbing; noise schedule, lr and warm-up tuned within each graph."""
     kw.setdefault("name", "graph-ablation")  # --name renames it
+    kw.setdefault("replicates", DEFAULT_REPLICATES)
     from sedd_ray.diffusion import GRAPHS, NOISES  # registries, not lists (imports torch)
 
     return StudySpec(ablate="graph", levels=GRAPHS.names(),
@@ -420,6 +641,7 @@ def graph_ablation(**kw: Any) -> StudySpec:
 def noise_ablation(graph: str = "absorb", **kw: Any) -> StudySpec:
     """Geometric vs loglinear for one graph; lr and warm-up tuned within each schedule."""
     kw.setdefault("name", f"noise-ablation-{graph}")
+    kw.setdefault("replicates", DEFAULT_REPLICATES)
     kw["fixed"] = {"graph": graph, **kw.get("fixed", {})}
     from sedd_ray.diffusion import NOISES  # registries, not lists (imports torch)
 
@@ -432,13 +654,14 @@ def noise_ablation(graph: str = "absorb", **kw: Any) -> StudySpec:
 def model_size_sweep(sizes: Sequence[str] = ("tiny", "mini", "base"), **kw: Any) -> StudySpec:
     """A size sweep (each size its own lr); the bound against parameters and compute."""
     kw.setdefault("name", "model-size")
+    kw.setdefault("replicates", DEFAULT_REPLICATES)
     return StudySpec(ablate="model", levels=list(sizes),
                      space={"lr": _LR}, **kw)
 
 
 @STUDIES.register("search")
 def joint_search(**kw: Any) -> StudySpec:
-    """Optuna over every axis together."""
+    """Optuna over every axis together (``replicates=k``: then its top config with k seeds)."""
     kw.setdefault("name", "search")
     from sedd_ray.diffusion import GRAPHS, NOISES  # registries, not lists (imports torch)
 
@@ -475,10 +698,18 @@ def add_study_flags(p: Any, default_trials: int = 2) -> None:
                    help="seconds to wait for an autoscaling cluster to provide a trial's "
                    f"workers (default {DEFAULT_RESOURCE_TIMEOUT_S:.0f})")
     p.add_argument("--asha", action="store_true", help="early-stop weak trials with ASHA")
-    p.add_argument("--resume", action="store_true", help="restore an interrupted study")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted study: whichever phase is unfinished")
+    p.add_argument("--replicates", type=int, default=None, metavar="K",
+                   help="replication phase: re-run each level's best tuned config with K fresh "
+                   f"seeds (default {DEFAULT_REPLICATES} for an ablation, {SMOKE_REPLICATES} with "
+                   "--smoke-test; search mode: its top config, only when given)")
+    p.add_argument("--phase", choices=("all", *PHASES), default="all",
+                   help="run only this phase (default: tuning, then replication)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a parameter for every trial, e.g. --set batch_size=32")
-    p.add_argument("--smoke-test", action="store_true", help="seconds per trial, 1 trial per level")
+    p.add_argument("--smoke-test", action="store_true",
+                   help=f"seconds per trial, 1 trial per level, {SMOKE_REPLICATES} replicates")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="Optuna storage of the study's Optuna studies: a database URL "
                    "(postgresql://...), an SQLite file path, or none (default: "
@@ -512,8 +743,17 @@ def spec_from_args(study: str, args: Any, **study_kw: Any) -> StudySpec:
     if args.name and "name" not in study_kw:
         kw["name"] = args.name
     kw["optuna_storage"] = getattr(args, "optuna_storage", None)
+    if getattr(args, "replicates", None) is not None:
+        if args.replicates < 1:
+            raise ConfigError(f"--replicates must be >= 1, got {args.replicates}: the fresh seeds "
+                              "each level's best tuned config is re-run with (--phase tune skips "
+                              "replication)")
+        kw["replicates"] = args.replicates
     kw["fixed"] = fixed
-    return STUDIES.get(study)(**kw).validate()
+    spec = STUDIES.get(study)(**kw)
+    if args.smoke_test and "replicates" not in kw:
+        spec.replicates = min(spec.replicates, SMOKE_REPLICATES)
+    return spec.validate()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -528,8 +768,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         spec = spec_from_args(args.study, args)
-        study_dir = run_study(spec, args.storage, resume=args.resume, address=args.address,
-                              resource_timeout=args.resource_timeout)
+        study_dir = run_study(spec, args.storage, resume=args.resume, phase=args.phase,
+                              address=args.address, resource_timeout=args.resource_timeout)
+    except ReplicationError as e:  # 2: nothing ran; 1: a level's tuning trials all failed
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, ValueError, StorageError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

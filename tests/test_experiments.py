@@ -1,7 +1,8 @@
 """experiments/ and the sample CLI, end to end and offline.
 
-One real study (``experiments/ablate_graph.py --smoke-test``: 2 trials of 20 steps on a
-local Ray cluster, in a subprocess) is shared by the module; its report, plots and the
+One real study (``experiments/ablate_graph.py --smoke-test``: 1 tuning trial of 20 steps
+per graph, then each graph's config with 2 fresh seeds, 6 trials on a local Ray cluster,
+in a subprocess) is shared by the module; its report, plots and the
 ``sample --trial best`` CLI are checked against it. The analysis itself is also tested on
 hand-written Parquet (no Ray): importances, scaling fits, the true-entropy plot, and the
 errors of the sample CLI.
@@ -223,16 +224,22 @@ def test_report_has_one_row_per_level_and_its_plots(smoke_study):
     report = (study_dir / "report.md").read_text()
     rows = table_rows(report, "graph")
     assert sorted(r["graph"] for r in rows) == ["absorb", "uniform"]
-    assert all(r["n"] == "1" for r in rows)  # the smoke test runs 1 trial per level
+    assert all(r["n"] == "3" for r in rows)  # the smoke test: 1 tuning trial + 2 replicates
     assert all(float(r["val_ppl_bound mean"]) > 1 for r in rows)
     for png in ("graph_bars.png", "learning_curves.png"):
         assert (study_dir / png).stat().st_size > 1000
     for ref in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (study_dir / ref).is_file()
-    assert "Too few finished trials" in report  # 2 trials: importances noted, not faked
+    assert "Too few finished trials" in report  # 2 tuning trials: importances noted, not faked
     assert "## Samples from the best trial" in report and "```text" in report
     trials = read_trials(storage, "graph-ablation")
     assert set(trials["status"]) == {"terminated"} and trials["checkpoint_path"].notna().all()
+    # both phases: each graph's tuned config re-run with the same 2 fresh seeds (the
+    # script's tuning seeds are 0 and 1: the replicates get 2 and 3)
+    assert sorted(trials["phase"]) == ["replicate"] * 4 + ["tune"] * 2
+    rep = trials[trials["phase"] == "replicate"]
+    assert sorted(zip(rep["level"], rep["seed"])) == [("absorb", 2), ("absorb", 3),
+                                                      ("uniform", 2), ("uniform", 3)]
 
 
 @pytest.mark.ray

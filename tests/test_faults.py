@@ -2,8 +2,10 @@
 
 - a full disk: refused before training when it is full from the start; a checkpoint that
   cannot be written mid-run leaves the previous one intact and the run resumable;
-- the study driver killed twice mid-study (SIGKILL by pid): ``--resume`` completes it and
-  Parquet holds every trial exactly once (and no secret from the environment);
+- the study driver killed twice (SIGKILL by pid), once mid-tuning and once
+  mid-replication: ``--resume`` completes both phases and Parquet holds every trial
+  exactly once (each tuning trial, each (level, replicate seed)), and no secret from the
+  environment;
 - a Ray Train worker killed three times in one run: it completes from its checkpoints
   with the same final metrics and weights as an uninterrupted run;
 - a node of a ``ray.cluster_utils.Cluster`` removed mid-trial: the trial is retried on
@@ -111,8 +113,8 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, 
 
 # --- the study driver killed twice ------------------------------------------------------------
 
-STUDY_FLAGS = ["graph-ablation", "--smoke-test", "--trials-per-level", "1", "--max-concurrent",
-               "1", "--set", "steps=30", "--set", "ckpt_every=10", "--set", "eval_every=10",
+STUDY_FLAGS = ["graph-ablation", "--smoke-test", "--trials-per-level", "1", "--replicates", "1",
+               "--max-concurrent", "1", "--set", "steps=30", "--set", "ckpt_every=10", "--set", "eval_every=10",
                "--set", "log_every=5", "--set", "vocab_size=300", "--set", "seq_len=32",
                "--set", "hidden_size=32", "--set", "cond_dim=16", "--set", "n_layers=1",
                "--set", "test_draws=0", "--set", "eval_sequences=8", "--set", "sample_steps=4"]
@@ -134,9 +136,10 @@ def _trials(storage: Path) -> list[dict]:
         return []
 
 
-def _kill_mid_trial(proc: subprocess.Popen, storage: Path, finished_before: int) -> dict:
-    """SIGKILL the driver once more than ``finished_before`` trials have finished and one
-    trial is in flight with a checkpoint that Ray has committed."""
+def _kill_mid_trial(proc: subprocess.Popen, storage: Path, finished_before: int,
+                    phase: str = "tune") -> dict:
+    """SIGKILL the driver once ``finished_before`` trials have finished and one trial of
+    ``phase`` is in flight with a checkpoint that Ray has committed."""
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         rows = _trials(storage)
@@ -144,7 +147,8 @@ def _kill_mid_trial(proc: subprocess.Popen, storage: Path, finished_before: int)
         for r in rows:
             run = StudyLayout(str(storage), "graph-ablation").trial(r["trial_id"])
             committed = committed_steps(Path(run.dir, "checkpoint_manager_snapshot.json"))
-            if len(done) > finished_before - 1 and r["status"] == "running" and committed:
+            if (len(done) >= finished_before and r["status"] == "running"
+                    and r["phase"] == phase and committed):
                 kill_session(proc)
                 return {"done": done, "in_flight": r["trial_id"], "committed": committed[-1]}
         time.sleep(0.2)
@@ -155,11 +159,14 @@ def _kill_mid_trial(proc: subprocess.Popen, storage: Path, finished_before: int)
 
 @pytest.mark.ray
 def test_driver_killed_twice_resume_completes_every_trial_once(tmp_path):
-    """Two trials (one per graph), one at a time. Kill 1: the first trial in flight; kill 2
-    (after a resume): the first finished, the second in flight. A second resume ends it."""
+    """Two tuning trials (one per graph), then each graph's config with one fresh seed, one
+    trial at a time. Kill 1: the first tuning trial in flight; kill 2 (after a resume that
+    finishes the tuning and starts the replication): the tuning trials finished, a
+    replicate in flight. A second resume ends the study."""
     storage = tmp_path / "results"
     first = _kill_mid_trial(_study(storage), storage, finished_before=0)
-    second = _kill_mid_trial(_study(storage, "--resume"), storage, finished_before=1)
+    second = _kill_mid_trial(_study(storage, "--resume"), storage, finished_before=2,
+                             phase="replicate")
     assert first["in_flight"] in second["done"] and second["in_flight"] != first["in_flight"]
     final = _study(storage, "--resume")
     try:
@@ -168,9 +175,13 @@ def test_driver_killed_twice_resume_completes_every_trial_once(tmp_path):
         kill_session(final)
 
     df = read_trials(storage, "graph-ablation")
-    assert len(df) == 2 and df["trial_id"].is_unique  # every trial exactly once
+    assert len(df) == 4 and df["trial_id"].is_unique  # every trial exactly once
     assert (df["status"] == "terminated").all(), df[["trial_id", "status", "error"]]
-    assert sorted(df["level"]) == ["absorb", "uniform"]
+    tune, rep = df[df["phase"] == "tune"], df[df["phase"] == "replicate"]
+    assert sorted(tune["level"]) == ["absorb", "uniform"]  # each tuning trial once
+    assert sorted(zip(rep["level"], rep["seed"])) == [("absorb", 1), ("uniform", 1)]
+    assert dict(zip(rep["level"], rep["replicate_of"])) == dict(zip(tune["level"],
+                                                                    tune["trial_id"]))
     assert (df["step"] == 30).all() and df["val_nll"].notna().all()
     # Optuna's storage mirrors Parquet after both kills: no duplicate, no missing trial.
     assert assert_mirrors_parquet(storage, "graph-ablation") == 2

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from sedd_ray.config import ConfigError
-from sedd_ray.searcher import LevelSearcher
+from sedd_ray.searcher import LevelSearcher, ListSearcher
 from sedd_ray.study import (
     Choice,
     DefineByRun,
@@ -310,3 +310,24 @@ def test_the_searcher_pickles_by_reference():
     assert b"sedd_ray.searcher" in blob and b"LevelSearcher" in blob
     copy = pickle.loads(blob)
     assert type(copy) is LevelSearcher and copy.counts == [1] and copy.owner == {"t0": 0}
+
+
+# --- the replication phase's fixed list --------------------------------------------------------
+
+
+def test_list_searcher_suggests_each_config_once_in_order_across_a_restore(tmp_path):
+    configs = [{"lr": 1e-3, "seed": s, "level": lv, "replicate_of": f"t-{lv}"}
+               for s in (2, 3) for lv in ("uniform", "absorb")]
+    first = _ready(ListSearcher(configs, metric=METRIC, mode="min"))
+    got = [first.suggest("r0"), first.suggest("r1")]
+    first.on_trial_complete("r0", _result(2.0))  # nothing to learn; no error
+    first.save_to_dir(str(tmp_path))
+    resumed = _ready(ListSearcher(configs[:1], metric=METRIC, mode="min"))
+    resumed.restore_from_dir(str(tmp_path))  # the saved list and position win
+    got += list(_drain(resumed, "r").values())
+    assert got == configs  # every config exactly once, in order
+    assert resumed.suggest("late") == Searcher.FINISHED
+    got[0]["seed"] = 99
+    assert configs[0]["seed"] == 2  # suggestions are copies
+    with pytest.raises(ValueError, match="at least one config"):
+        ListSearcher([], metric=METRIC, mode="min")

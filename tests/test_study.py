@@ -1,4 +1,6 @@
-"""A real study on a local Ray cluster: Tune + Optuna + ASHA, one Parquet row per trial."""
+"""A real study on a local Ray cluster: Tune + Optuna + ASHA, one Parquet row per trial;
+an ablation's two phases (tuning, then replication of each level's best config with
+fresh seeds) on the same cluster."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 from sedd_ray.config import ConfigError
 from sedd_ray.layout import StudyLayout
 from sedd_ray.results import read_history, read_trials
-from sedd_ray.study import Choice, Float, StudySpec, run_study
+from sedd_ray.study import Choice, Float, ReplicationError, StudySpec, run_study
 
 pytestmark = pytest.mark.ray
 
@@ -160,3 +162,60 @@ def test_bad_study_fails_before_any_compute(tmp_path):
     with pytest.raises(ConfigError, match="seq_len 4096 exceeds"):
         StudySpec(name="x", base="tiny", points=[{"seq_len": 4096}]).validate()
     assert not list(tmp_path.iterdir())
+
+
+# --- phases: tuning, then replication --------------------------------------------------------
+
+# Shorter trials for the phase tests (the drill still fires at step 7 where it applies).
+SHORT = {**FIXED, "steps": 20, "ckpt_every": 10}
+
+
+@pytest.fixture(scope="module")
+def replicated(ray_cluster, tmp_path_factory):
+    """A graph ablation, 1 tuning trial per level (seed 0), then each level's best config
+    with 2 fresh seeds; then the finished study run again with ``resume``."""
+    storage = tmp_path_factory.mktemp("phases")
+    spec = StudySpec(name="abl", base="tiny", fixed=SHORT, ablate="graph",
+                     levels=["uniform", "absorb"], trials_per_level=1, replicates=2, seeds=[0],
+                     space={"lr": Float(1e-3, 2e-3, log=True)}, max_concurrent=2)
+    run_study(spec, str(storage), verbose=0)
+    first = read_trials(storage, "abl")
+    run_study(spec, str(storage), resume=True, verbose=0)  # both phases restored: no-ops
+    return storage, first
+
+
+def test_replication_reruns_each_levels_tuned_config_with_shared_fresh_seeds(replicated):
+    storage, first = replicated
+    df = read_trials(storage, "abl")
+    assert len(df) == 6 and df["trial_id"].is_unique, df[["trial_id", "phase", "level"]]
+    assert (df["status"] == "terminated").all() and (df["step"] == 20).all()
+    tune, rep = df[df["phase"] == "tune"], df[df["phase"] == "replicate"]
+    assert sorted(tune["level"]) == ["absorb", "uniform"] and tune["replicate_of"].isna().all()
+    assert list(tune["seed"]) == [0, 0]
+    # each (level, seed) once; the same fresh seeds for both levels, never a tuning seed
+    assert sorted(zip(rep["level"], rep["seed"])) == [("absorb", 1), ("absorb", 2),
+                                                      ("uniform", 1), ("uniform", 2)]
+    tuned = tune.set_index("trial_id")
+    for _, r in rep.iterrows():  # the level's tuned config, but for the seed
+        orig = tuned.loc[r["replicate_of"]]
+        assert (orig["level"], orig["graph"], orig["lr"]) == (r["level"], r["graph"], r["lr"])
+        assert r["val_nll"] > 0 and r["checkpoint_path"].endswith("ckpt-00000020")
+    # the second run re-ran nothing and recorded nothing twice
+    assert first.set_index("trial_id")["end_time"].equals(df.set_index("trial_id")["end_time"])
+    schema = pq.read_schema(StudyLayout(str(storage), "abl").trials_file)
+    assert schema.field("phase").type == schema.field("replicate_of").type == pa.string()
+
+
+def test_a_level_whose_tuning_trials_all_failed_stops_before_replication(ray_cluster, tmp_path):
+    """The NaN drill fails uniform's only tuning trial: replication never starts, and the
+    error names the level and the reason (exit code 1 in the CLIs: the tuning ran)."""
+    spec = StudySpec(name="fail", base="tiny", fixed={**SHORT, "steps": 10}, ablate="graph",
+                     levels=["uniform", "absorb"], trials_per_level=1, replicates=1,
+                     space={"lr": Choice([NAN_LR], when={"graph": "uniform"})}, max_concurrent=2)
+    with pytest.raises(ReplicationError, match=r"level 'uniform' has no finished tuning trial "
+                       r"\(1 error; e\.g\. .*non-finite") as e:
+        run_study(spec, str(tmp_path), verbose=0)
+    assert e.value.exit_code == 1 and "absorb" not in str(e.value)
+    df = read_trials(tmp_path, "fail")
+    assert sorted(df["status"]) == ["error", "terminated"] and (df["phase"] == "tune").all()
+    assert not (tmp_path / "fail" / StudyLayout.REPLICATE_NAME).exists()

@@ -1,5 +1,6 @@
 """The study driver killed mid-study (SIGKILL by pid); ``--resume`` completes it and the
-Parquet output holds every trial exactly once."""
+Parquet output holds every trial exactly once. The tuning phase alone (``--phase tune``);
+a kill mid-replication is in ``tests/test_faults.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from sedd_ray.results import read_trials
 
 pytestmark = pytest.mark.ray
 
-FLAGS = ["graph-ablation", "--smoke-test", "--trials-per-level", "2", "--max-concurrent", "1",
+FLAGS = ["graph-ablation", "--smoke-test", "--phase", "tune", "--trials-per-level", "2",
+         "--max-concurrent", "1",
          "--set", "steps=30", "--set", "ckpt_every=10", "--set", "eval_every=10",
          "--set", "vocab_size=300", "--set", "seq_len=32", "--set", "hidden_size=32",
          "--set", "cond_dim=16", "--set", "test_draws=0", "--set", "eval_sequences=8"]
@@ -61,4 +63,5 @@ def test_killed_driver_resumes_and_keeps_every_trial_once(tmp_path):
     assert len(df) == 4 and df["trial_id"].is_unique
     assert (df["status"] == "terminated").all(), df[["trial_id", "status", "error"]]
     assert sorted(df["level"]) == ["absorb", "absorb", "uniform", "uniform"]
+    assert (df["phase"] == "tune").all()  # --phase tune: no replication
     assert (df["step"] == 30).all()
