@@ -26,12 +26,11 @@ if __package__ in (None, ""):
 from experiments import analyze  # noqa: E402  (no torch, no Ray)
 from sedd_ray.config import ConfigError  # noqa: E402
 
-# >>> The final evaluation's budget for every study script's full run (not --smoke-test).
-# Helper "evalfinal" adds these TrainConfig fields (issue 15, point 4); fill in the study's
-# budget here once they exist, e.g. {"final_eval_sequences": 64, "final_eval_draws": 16},
-# and re-measure the scripts' wall times in their docstrings and the README.
-FINAL_EVAL: dict[str, Any] = {}
-# <<<
+# The final evaluation's budget for every study script's full run (not --smoke-test): each
+# trial's number is the importance-sampled bound of its final EMA weights on the same
+# validation blocks with the same draws (common random numbers; benchmarks/BOUND_STDERR.md:
+# s.e. 0.014-0.021 nats/token per trial, <= 0.019 for a paired difference, on the tiny model).
+FINAL_EVAL: dict[str, Any] = {"final_eval_sequences": 1024, "final_eval_draws": 8}
 
 
 @dataclass(frozen=True)
@@ -130,10 +129,15 @@ def run_and_report(studies: list[tuple[str, dict[str, Any]]], args: argparse.Nam
     lines = []
     for d in dirs:
         storage, name = analyze.split_study_dir(d)
-        report = analyze.write_report(storage, name)
+        try:
+            report = analyze.write_report(storage, name)
+        except (analyze.CompareError, analyze.ResultsError) as e:  # e.g. mixed data identities
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         study = analyze.load_study(storage, name)
         if study.finished.empty:
             rc = 1
+        print("\n".join(analyze.read_verdicts(report)))  # the answer first
         lines += [f"study directory: {d}", f"report: {report}",
                   f"  {len(study.finished)} of {len(study.trials)} trials finished"]
     print("\n".join(lines))
