@@ -592,22 +592,39 @@ def _cpu() -> RunConfig:
     )
 
 
+# The GPU presets' corpus (OpenWebText, about 9 B GPT-2 tokens, train split only: a
+# 0.5% + 0.5% hold-out by document) and the zero-shot corpora the SEDD paper reports on
+# (Hugging Face specs for sedd_ray.evaluate / data.corpus).
+OPENWEBTEXT = "hf:Skylion007/openwebtext"
+ZERO_SHOT_CORPORA = {
+    "lambada": "hf:EleutherAI/lambada_openai:default:test",
+    "wikitext2": "hf:Salesforce/wikitext:wikitext-2-raw-v1:test",
+    "ptb": "hf:ptb-text-only/ptb_text_only:penn_treebank:test",
+    "wikitext103": "hf:Salesforce/wikitext:wikitext-103-raw-v1:test",
+    "lm1b": "hf:lm1b:plain_text:test",
+}
+
+
 def _small() -> RunConfig:
-    """SEDD-small on OpenWebText-like data (GPU)."""
+    """SEDD-small as in the paper (GPU): OpenWebText through the token store, GPT-2
+    tokens, 400k steps x 512 x 1024 (about 210 B tokens, ~23 epochs), warm-up 2,500.
+    The batch is 512 sequences over ranks x ``grad_accum`` 8 (e.g. 8 GPUs x 8 x 8)."""
     return RunConfig(
         model=model_size("small"),
-        data=DataConfig(corpus="wikitext2", tokenizer="gpt2", seq_len=1024),
+        data=DataConfig(corpus=OPENWEBTEXT, tokenizer="gpt2", seq_len=1024,
+                        val_fraction=0.005, test_fraction=0.005),
         optim=OptimConfig(lr=3e-4, warmup_steps=2500, ema_decay=0.9999),
         train=TrainConfig(
-            steps=100_000, batch_size=64, log_every=50, eval_every=1000, eval_sequences=256,
-            eval_draws=8, test_draws=32, test_sequences=1024, ckpt_every=1000,
-            sample_every=5000, sample_length=256, sample_steps=256,
+            steps=400_000, batch_size=512, grad_accum=8, log_every=100, eval_every=5000,
+            eval_sequences=256, eval_draws=8, test_draws=32, test_sequences=1024,
+            ckpt_every=5000, sample_every=50_000, sample_length=256, sample_steps=256,
         ),
         preset="small",
     )
 
 
 def _medium() -> RunConfig:
+    """SEDD-medium (GPT-2 medium's shape) on the same data and schedule as ``small``."""
     cfg = _small()
     cfg.model = model_size("medium")
     cfg.preset = "medium"

@@ -356,6 +356,9 @@ def _kept(fs: Any, root: str, jobs: list[Job], checksum: str,
 
     itemsize = np.dtype(_DTYPES[dtype][0]).itemsize
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/shards", allow_not_found=True))
+    for i in infos:  # a killed build's temporary files (one builder per store at a time)
+        if i.base_name.startswith(".") and i.base_name.endswith(".tmp"):
+            fs.delete_file(i.path)
     names = {i.base_name for i in infos}
     kept = {}
     for job in jobs:

@@ -349,14 +349,15 @@ def _precheck_data(spec: StudySpec) -> None:
     """Load (building the shared cache) the data of each level's first trial config, so a
     bad corpus is one DataError line before any folder, Ray or trial; the trial drivers
     then hit the cache."""
-    from sedd_ray.data import load_data
+    from sedd_ray.data import announce, load_data
 
     seen = []
     for level in spec.levels or [None]:
         cfg = spec.trial_config({**spec.first_params(level), "seed": spec.seeds[0]})
         if (cfg.data, cfg.train.seed) not in seen:
             seen.append((cfg.data, cfg.train.seed))
-            load_data(cfg.data, seed=cfg.train.seed)
+            bundle = load_data(cfg.data, seed=cfg.train.seed)  # a store corpus: built here, once
+            print(announce(cfg, bundle.meta["n_tokens"]["train"], bundle.vocab_size), flush=True)
 
 
 def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):
