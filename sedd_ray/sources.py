@@ -30,7 +30,6 @@ import fnmatch
 import functools
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -72,7 +71,7 @@ from sedd_ray.data import (
     _train_bpe,
     cache_root,
 )
-from sedd_ray.io import atomic_write, filesystem, is_local, join, local_path, normalize
+from sedd_ray.io import atomic_write, filesystem, is_local, join, normalize
 
 __all__ = [
     "STORE_VERSION",
@@ -390,7 +389,6 @@ def build_store(cfg: Any, progress: bool = False) -> str:
         _check_dtype(cfg, cfg.vocab_size)
     uri = store_uri(cfg, corpus)
     fs, root, _ = filesystem(uri)
-    import pyarrow.fs as pafs
 
     if _exists(fs, f"{root}/{INDEX_FILE}"):
         return uri
@@ -696,14 +694,23 @@ def estimate(cfg: Any, train_tokens: int, vocab_size: int) -> dict[str, float]:
             "gpu_hours": 6 * params * tokens / GPU_FLOPS / 3600}
 
 
+def _human(n: float) -> str:
+    """``20480 -> "20.5 k"``, ``2.1e11 -> "210 B"``."""
+    for size, unit in ((1e12, " T"), (1e9, " B"), (1e6, " M"), (1e3, " k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
 def estimate_line(cfg: Any, train_tokens: int, vocab_size: int) -> str:
     """One line: tokens, epochs and GPU-hours of a run of ``cfg``."""
     e = estimate(cfg, train_tokens, vocab_size)
     t = cfg.train
-    return (f"estimate: {e['tokens'] / 1e9:.3g} B tokens ({t.steps:,} steps x {t.batch_size} "
-            f"x {cfg.data.seq_len}) = {e['epochs']:.3g} epochs of {train_tokens / 1e6:,.1f} M "
-            f"train tokens of {cfg.data.corpus}; {e['params'] / 1e6:.0f} M parameters, about "
-            f"{e['gpu_hours']:,.3g} GPU-hours at {GPU_FLOPS / 1e12:.0f} TFLOP/s")
+    hours = f"{e['gpu_hours']:,.3g}" if e["gpu_hours"] >= 0.01 else "< 0.01"
+    return (f"estimate: {_human(e['tokens'])} tokens ({t.steps:,} steps x {t.batch_size} x "
+            f"{cfg.data.seq_len}) = {e['epochs']:.3g} epochs of {_human(train_tokens)} train "
+            f"tokens of {cfg.data.corpus}; {_human(e['params'])} parameters, about {hours} "
+            f"GPU-hours at {GPU_FLOPS / 1e12:.0f} TFLOP/s")
 
 
 def repeat_warning(cfg: Any, train_tokens: int) -> str | None:
@@ -717,3 +724,61 @@ def repeat_warning(cfg: Any, train_tokens: int) -> str | None:
     return (f"this run draws {tokens:,} tokens ({t.steps:,} steps x {t.batch_size} x "
             f"{cfg.data.seq_len}) from {train_tokens:,} train tokens of {cfg.data.corpus}: "
             f"{epochs:,.1f} epochs; use a larger corpus or fewer steps")
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def _smoke_corpus(folder: Path) -> str:
+    """A few hundred KB of generated .jsonl for ``--smoke-test``."""
+    import random
+
+    rng = random.Random(0)
+    words = "the of and to in a is that for it as was with be by on not he this are".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(2):
+        lines = [json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(20, 200)))})
+                 for _ in range(300)]
+        (folder / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
+    return f"jsonl:{folder}/*.jsonl"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sedd_ray.store``: build (or find) the store of a config and print where
+    it is and the one-line estimate of a run on it. ``--address auto``: on a running Ray
+    cluster, with a cloud ``data.store_dir``, the shards are Ray tasks."""
+    import argparse
+    import tempfile
+
+    from sedd_ray.config import ConfigError
+    from sedd_ray.train import add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m sedd_ray.store", description=main.__doc__)
+    add_config_flags(parser)
+    parser.add_argument("--address", default=None, help="a Ray cluster to build on (auto, ...)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            cfg = config_from_args(args)
+            if args.smoke_test:
+                cfg.data.corpus = _smoke_corpus(Path(tmp) / "corpus")
+                cfg.data.cache_dir = cfg.data.cache_dir or str(Path(tmp) / "cache")
+                cfg.data.shard_tokens, cfg.data.vocab_size = 20_000, 300
+            if cfg.data.corpus.partition(":")[0] not in sources.KINDS:
+                raise ConfigError(f"data.corpus {cfg.data.corpus!r} is not a store corpus; pass "
+                                  f"--corpus with one of {', '.join(k + ':...' for k in sources.KINDS)}")
+            if args.address:
+                import ray
+
+                ray.init(address=args.address)
+            bundle = load_bundle(cfg.data, progress=True)
+        except (ConfigError, DataError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"store: {bundle.meta['store']} ({bundle.meta['store_shards']} shards, "
+              f"{bundle.meta['n_tokens']['train']:,} train tokens)")
+        print(estimate_line(cfg, bundle.meta["n_tokens"]["train"], bundle.vocab_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

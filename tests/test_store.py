@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from sedd_ray import checkpoint as ckpt
 from sedd_ray import store as st
 from sedd_ray.config import ConfigError, DataConfig
