@@ -89,16 +89,23 @@ def parse_corpus(spec: str, text_field: str = "text") -> Corpus:
                         if kind != "hf" else "corpus hf needs a dataset: --corpus hf:NAME")
     if kind == "hf":
         return _hf_corpus(spec, arg, text_field)
-    pattern, field_name = _split_field(arg, text_field)
-    if kind == "txt":
-        field_name = ""
-    files = _glob(pattern, kind)
-    parts = tuple(_file_part(kind, path, size) for path, size, _ in files)
-    corpus = Corpus(spec, kind, parts, field_name,
-                    {"kind": kind, "files": [[p, s, m] for p, s, m in files],
-                     "field": field_name})
+    ident = file_identity(spec, text_field)
+    parts = tuple(_file_part(kind, path, size) for path, size, _ in ident["files"])
+    corpus = Corpus(spec, kind, parts, ident["field"], ident)
     _check_first(corpus)
     return corpus
+
+
+def file_identity(spec: str, text_field: str) -> dict[str, Any]:
+    """What names a file corpus's text (``[[path, size, mtime_ns], ...]`` and the field):
+    a listing only, no file is read. A ``hf:`` corpus has none (None)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "hf":
+        return {"kind": kind, "files": None}
+    pattern, field_name = _split_field(arg, text_field)
+    files = _glob(pattern, kind)
+    return {"kind": kind, "files": [[p, s, m] for p, s, m in files],
+            "field": "" if kind == "txt" else field_name}
 
 
 def _split_field(arg: str, default: str) -> tuple[str, str]:

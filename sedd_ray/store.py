@@ -381,10 +381,11 @@ def _exists(fs: Any, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
-def build_store(cfg: Any, progress: bool = False) -> str:
+def build_store(cfg: Any, progress: bool = False, corpus: sources.Corpus | None = None) -> str:
     """Build (or finish, or find) the store of ``cfg`` (a :class:`DataConfig` whose corpus
-    is a store corpus); returns its URI. Bad input fails before anything is written."""
-    corpus = sources.parse_corpus(cfg.corpus, cfg.text_field)
+    is a store corpus; ``corpus``: it resolved); returns its URI. Bad input fails before
+    anything is written."""
+    corpus = corpus or sources.parse_corpus(cfg.corpus, cfg.text_field)
     if cfg.tokenizer == "bpe":
         _check_dtype(cfg, cfg.vocab_size)
     uri = store_uri(cfg, corpus)
@@ -612,6 +613,39 @@ def check_tokenizer(index: dict[str, Any], cfg: Any, uri: str) -> None:
                      f"--tokenizer {tok['name']}{size}, or use a store built for this tokenizer")
 
 
+def _pointer(cfg: Any) -> tuple[Any, str]:
+    """``(filesystem, path)`` of the note that maps this config's corpus spelling and
+    settings to its store (``<store root>/by-corpus/<hash>.json``)."""
+    key = _hash({"v": STORE_VERSION, "spec": cfg.corpus, "text_field": cfg.text_field,
+                 "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
+                 "sample": cfg.tokenizer_sample_mb, "seed": getattr(cfg, "split_seed", 0),
+                 "fractions": [cfg.val_fraction, cfg.test_fraction],
+                 "shard_tokens": cfg.shard_tokens, "dtype": cfg.token_dtype})
+    fs, root, _ = filesystem(store_root(cfg))
+    return fs, f"{root}/by-corpus/{key}.json"
+
+
+def _find_or_build(cfg: Any, progress: bool) -> tuple[str, bool]:
+    """The store of ``cfg`` and whether it existed. A store built before is found through
+    its note, without resolving the corpus again (a node never downloads a Hugging Face
+    dataset the driver built the store from); a file corpus's listing must still match."""
+    fs, note = _pointer(cfg)
+    if _exists(fs, note):
+        with fs.open_input_stream(note) as f:
+            seen = json.loads(f.read())
+        ufs, uroot, _ = filesystem(seen["uri"])
+        files = sources.file_identity(cfg.corpus, cfg.text_field)["files"]
+        if files == seen["files"] and _exists(ufs, f"{uroot}/{INDEX_FILE}"):
+            return seen["uri"], True
+    corpus = sources.parse_corpus(cfg.corpus, cfg.text_field)
+    uri = store_uri(cfg, corpus)
+    ufs, uroot, _ = filesystem(uri)
+    hit = _exists(ufs, f"{uroot}/{INDEX_FILE}")
+    build_store(cfg, progress, corpus)
+    atomic_write(note, json.dumps({"uri": uri, "files": corpus.identity.get("files")}), fs=fs)
+    return uri, hit
+
+
 def load_bundle(cfg: Any, progress: bool = False) -> DataBundle:
     """The :class:`~sedd_ray.data.DataBundle` of a store corpus: ``val``/``test`` blocks
     in memory (at most :data:`EVAL_TOKENS_CAP` tokens each), ``train`` empty and the
@@ -623,11 +657,7 @@ def load_bundle(cfg: Any, progress: bool = False) -> DataBundle:
     if spec.startswith("store:"):
         uri, hit = normalize(spec.removeprefix("store:")), True
     else:
-        corpus = sources.parse_corpus(spec, cfg.text_field)
-        uri = store_uri(cfg, corpus)
-        fs, root, _ = filesystem(uri)
-        hit = _exists(fs, f"{root}/{INDEX_FILE}")
-        uri = build_store(cfg, progress)
+        uri, hit = _find_or_build(cfg, progress)
     store = TokenStore.open(uri, cache_root(cfg))
     index = store.index
     check_tokenizer(index, cfg, uri)

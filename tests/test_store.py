@@ -260,6 +260,32 @@ def test_hf_dataset_saved_to_disk(tmp_path):
         load_data(data_cfg(tmp_path, f"hf:{tmp_path / 'dd'}", text_field="content"))
 
 
+def test_a_built_store_is_found_without_loading_the_dataset_again(tmp_path, monkeypatch,
+                                                                   corpus):
+    """A trial's worker on another node finds the driver's store through its note and
+    never loads the Hugging Face dataset; a file corpus whose files changed is rebuilt."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": [_doc(random.Random(i)) for i in range(100)]}
+                               ).save_to_disk(tmp_path / "ds")
+    cfg = data_cfg(tmp_path, f"hf:{tmp_path / 'ds'}")
+    built = load_data(cfg)
+    st.sources._hf_load.cache_clear()
+    monkeypatch.setattr(st.sources, "_hf_load", lambda *a: pytest.fail("dataset loaded"))
+    again = load_data(cfg)
+    assert again.meta["store"] == built.meta["store"] and again.meta["cache_hit"]
+    monkeypatch.undo()
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.jsonl").write_bytes((corpus / "a.jsonl").read_bytes())
+    first = load_data(data_cfg(tmp_path, f"jsonl:{files}/*.jsonl"))
+    with open(files / "a.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    second = load_data(data_cfg(tmp_path, f"jsonl:{files}/*.jsonl"))
+    assert second.meta["store"] != first.meta["store"] and not second.meta["cache_hit"]
+    assert second.meta["n_documents"] == first.meta["n_documents"] + 1
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def _nothing_written(tmp_path):
