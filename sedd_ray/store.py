@@ -470,6 +470,27 @@ def _fetch(fs: Any, path: str, dest: Path, entry: dict[str, Any], checksum: str,
     atomic_write(dest, write)
 
 
+def _check_local(fs: Any, root: str, entries: list[dict[str, Any]], index: dict[str, Any],
+                 itemsize: int, cache_dir: Path) -> None:
+    """Check a local store's shards: their checksums the first time (and whenever a file's
+    size or time changed), else their sizes; a note in ``<cache>/store-cache/verified``
+    records a full check, so the ranks and trials of a node hash each shard once."""
+    stats = []
+    for e in entries:
+        try:
+            st = os.stat(f"{root}/{e['file']}")
+            stats.append([e["file"], st.st_size, st.st_mtime_ns])
+        except OSError:
+            stats.append([e["file"], None, None])
+    note = cache_dir / "store-cache" / "verified" / _hash({"root": root, "stats": stats,
+                                                          "index": index["shards"]})
+    if note.is_file():
+        return
+    for e in entries:
+        _verify(fs, f"{root}/{e['file']}", e, index["checksum"], itemsize)
+    atomic_write(note, root)
+
+
 class TokenStore:
     """A built store, opened for reading: its index, tokenizer and memory-mapped shards.
 
@@ -497,15 +518,14 @@ class TokenStore:
             raise StoreError(f"the store at {uri} has version {index.get('store_version')}, "
                              f"this code reads {STORE_VERSION}; rebuild it")
         itemsize = np.dtype(_DTYPES[index["token_dtype"]][0]).itemsize
-        where = Path(root) if local else Path(cache_dir) / (
-            "store-cache") / _hash(normalize(uri))
-        for receipt in index["shards"]:
-            for entry in receipt["splits"].values():
-                if local:
-                    _verify(fs, f"{root}/{entry['file']}", entry, index["checksum"], itemsize)
-                else:
-                    _fetch(fs, f"{root}/{entry['file']}", where / entry["file"], entry,
-                           index["checksum"], itemsize)
+        entries = [e for r in index["shards"] for e in r["splits"].values()]
+        if local:
+            _check_local(fs, root, entries, index, itemsize, Path(cache_dir))
+            return cls(normalize(uri), index, Path(root))
+        where = Path(cache_dir) / "store-cache" / _hash(normalize(uri))
+        for entry in entries:
+            _fetch(fs, f"{root}/{entry['file']}", where / entry["file"], entry,
+                   index["checksum"], itemsize)
         return cls(normalize(uri), index, where)
 
     def arrays(self, split: str) -> list[np.ndarray]:
