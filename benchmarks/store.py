@@ -168,6 +168,15 @@ def check_disk(where: Path, need_gb: float) -> None:
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     cache = str(work / "cache")
+    trains = []
+    for tokens in (10_000_000, args.big_tokens):
+        where = write_random_store(work / f"random-{tokens}", tokens, args.shard_tokens)
+        res = run_child("train", {"store": str(where), "steps": args.steps, "cache": cache,
+                                  "out": str(work / f"run-{tokens}")})
+        print(f"train from {tokens:,} tokens: peak RSS {res['peak_rss_mb']:.0f} MiB, first "
+              f"step after {res['launch_to_first_step_s']:.1f} s", flush=True)
+        trains.append(res)
+        shutil.rmtree(where)
     text = gen_corpus(work / "corpus", args.text_mb)
     print(f"corpus: {text / 2**20:.0f} MB of .jsonl", flush=True)
     builds = []
@@ -178,16 +187,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f"build, {workers} process(es): {res['tokens_per_s']:,.0f} tokens/s", flush=True)
         builds.append(res)
         shutil.rmtree(work / f"stores-{workers}")
-    shutil.rmtree(work / "corpus")
-    trains = []
-    for tokens in (10_000_000, args.big_tokens):
-        where = write_random_store(work / f"random-{tokens}", tokens, args.shard_tokens)
-        res = run_child("train", {"store": str(where), "steps": args.steps, "cache": cache,
-                                  "out": str(work / f"run-{tokens}")})
-        print(f"train from {tokens:,} tokens: peak RSS {res['peak_rss_mb']:.0f} MiB, first "
-              f"step after {res['launch_to_first_step_s']:.1f} s", flush=True)
-        trains.append(res)
-        shutil.rmtree(where)
     return {"text_bytes": text, "builds": builds, "trains": trains}
 
 
