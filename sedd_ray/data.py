@@ -307,9 +307,12 @@ def resolve_corpus(spec: str) -> Source:
     :class:`Source` (cheap)."""
     name, sep, arg = spec.partition(":")
     if name not in CORPORA:
-        valid = ", ".join("text:PATH" if n == "text" else f"{n}:..." if n in STORE_CORPORA else
-                          f"{n}:key=value,..." if n in synthetic.SOURCES else n for n in CORPORA)
-        raise DataError(f"unknown corpus {spec!r}; valid corpora: {valid}")
+        valid = ", ".join("text:PATH" if n == "text" else
+                          f"{n}:key=value,..." if n in synthetic.SOURCES else n
+                          for n in CORPORA if n not in STORE_CORPORA)
+        raise DataError(f"unknown corpus {spec!r}; valid corpora: {valid}; through the token "
+                        "store: txt:GLOB, jsonl:GLOB[:FIELD], parquet:GLOB[:FIELD], "
+                        "hf:NAME[:CONFIG][:SPLIT], store:URI")
     return CORPORA.get(name)(arg if sep else None)
 
 
