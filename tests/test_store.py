@@ -352,3 +352,13 @@ def test_cli_bad_corpus_is_one_error_line(tmp_path, capfd):
     lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: corpus jsonl:"), lines
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_store_cli_smoke_test_and_bad_corpus(tmp_path, capfd):
+    assert st.main(["--smoke-test"]) == 0
+    out = capfd.readouterr().out
+    assert "store: " in out and "shards" in out and out.count("estimate: ") == 1
+    assert st.main(["--corpus", "shakespeare", "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.corpus 'shakespeare' is not a store")
+    assert not (tmp_path / "c").exists()
