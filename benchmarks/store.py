@@ -111,7 +111,7 @@ def write_random_store(root: Path, train_tokens: int, shard_tokens: int,
             arr.tofile(root / name)
             splits[split] = {"file": name, "tokens": k, "docs": 0, "bytes": 0,
                              "xxh3_64": xxhash.xxh3_64(arr.tobytes()).hexdigest()}
-        receipts.append({"shard": i, "part": 0, "rows": [0, 0], "splits": splits})
+        receipts.append({"shard": i, "segments": [], "splits": splits})
         left -= n["train"]
         i += 1
     counts = {s: {"tokens": sum(r["splits"][s]["tokens"] for r in receipts), "docs": 0,

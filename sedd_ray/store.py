@@ -14,9 +14,9 @@ Layout at ``<data.store_dir or <cache>/stores>/<key>/`` (a local folder or an ``
     shards/00042.json            the receipt: counts, documents and checksums of the three
     index.json                   written last: settings, tokenizer identity, counts, receipts
 
-**Jobs.** The corpus's parts (files, or a dataset's splits; :mod:`sedd_ray.sources`) are
-cut into row ranges of about ``data.shard_tokens`` tokens of text (4 bytes a token
-assumed); job ``i`` reads its rows, tokenizes every document, appends EOS, and writes shard
+**Jobs.** The corpus's rows (over its parts: files, or a dataset's splits, in order;
+:mod:`sedd_ray.sources`) are cut into consecutive ranges of about ``data.shard_tokens``
+tokens (4 bytes of text a token assumed; small files share a job); job ``i`` reads its rows, tokenizes every document, appends EOS, and writes shard
 ``i`` of each split, each file atomically, its receipt last. Shard ``i``'s content depends
 only on its rows, so the store is the same for any number of workers.
 
@@ -52,6 +52,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,22 +166,41 @@ def store_uri(cfg: Any, corpus: sources.Corpus) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """Shard ``shard``: rows ``[start, stop)`` of part ``part``."""
+    """Shard ``shard``: the rows ``[start, stop)`` of part ``part`` for each
+    ``(part, start, stop)`` of ``segments``, in order."""
 
     shard: int
-    part: int
-    start: int
-    stop: int
+    segments: tuple[tuple[int, int, int], ...]
+
+    def documents(self, corpus: sources.Corpus, rule: dict[str, Any]) -> Iterator[
+            tuple[str, int]]:
+        """``(text, split code)`` of every row of the job, in order."""
+        for part, start, stop in self.segments:
+            texts = sources.read_rows(corpus, part, start, stop)
+            codes = split_codes(rule, corpus.parts[part], part, start, stop)
+            yield from zip(texts, codes.tolist())
 
 
 def plan_jobs(corpus: sources.Corpus, shard_tokens: int) -> list[Job]:
-    """Row ranges of about ``shard_tokens`` tokens (at :data:`BYTES_PER_TOKEN`), in order."""
+    """Consecutive row ranges of about ``shard_tokens`` tokens each (at
+    :data:`BYTES_PER_TOKEN` bytes a token), spanning parts: small files share a shard."""
+    budget = shard_tokens * BYTES_PER_TOKEN
     jobs: list[Job] = []
+    current: list[tuple[int, int, int]] = []
+    size = 0.0
     for i, p in enumerate(corpus.parts):
         per_row = max(p.nbytes / max(p.rows, 1), 1.0)
-        rows = max(1, int(shard_tokens * BYTES_PER_TOKEN / per_row))
-        for a in range(0, p.rows, rows):
-            jobs.append(Job(len(jobs), i, a, min(a + rows, p.rows)))
+        a = 0
+        while a < p.rows:
+            take = max(1, min(p.rows - a, int((budget - size) / per_row)))
+            current.append((i, a, a + take))
+            size += take * per_row
+            a += take
+            if size >= budget - per_row:
+                jobs.append(Job(len(jobs), tuple(current)))
+                current, size = [], 0.0
+    if current:
+        jobs.append(Job(len(jobs), tuple(current)))
     return jobs
 
 
@@ -238,13 +258,12 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     job = task.job
-    texts = sources.read_rows(task.corpus, job.part, job.start, job.stop)
-    codes = split_codes(task.rule, task.corpus.parts[job.part], job.part, job.start, job.stop)
+    rows = list(job.documents(task.corpus, task.rule))
     tok = Tokenizer.from_str(task.tokenizer_json)
     fs, root, _ = filesystem(task.uri)
     splits = {}
     for split, code in _SPLIT_CODE.items():
-        docs = [t for t, c in zip(texts, codes) if c == code and t.strip()]
+        docs = [t for t, c in rows if c == code and t.strip()]
         arr = _encode(tok, docs, task.eos_id, _DTYPES[task.dtype][0])
         data = arr.tobytes()
         h = _hasher(task.checksum)
@@ -253,7 +272,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
         splits[split] = {"file": _shard_file(job.shard, split), "tokens": int(arr.size),
                          "docs": len(docs), "bytes": sum(len(t.encode()) for t in docs),
                          task.checksum: h.hexdigest()}
-    receipt = {"shard": job.shard, "part": job.part, "rows": [job.start, job.stop],
+    receipt = {"shard": job.shard, "segments": [list(g) for g in job.segments],
                "splits": splits}
     atomic_write(f"{root}/{_receipt_file(job.shard)}", json.dumps(receipt), fs=fs)
     return receipt
@@ -303,9 +322,7 @@ def _sample_texts(corpus: sources.Corpus, jobs: list[Job], rule: dict[str, Any],
     """Train documents in job order until ``budget`` bytes: the BPE's bounded sample."""
     out, size = [], 0
     for job in jobs:
-        texts = sources.read_rows(corpus, job.part, job.start, job.stop)
-        codes = split_codes(rule, corpus.parts[job.part], job.part, job.start, job.stop)
-        for t, c in zip(texts, codes):
+        for t, c in job.documents(corpus, rule):
             if c == 0 and t.strip():
                 out.append(t)
                 size += len(t.encode())
@@ -370,7 +387,7 @@ def _kept(fs: Any, root: str, jobs: list[Job], checksum: str,
                 _verify(fs, f"{root}/{entry['file']}", entry, checksum, itemsize)
         except StoreError:
             continue  # rebuilt below
-        if receipt["rows"] == [job.start, job.stop] and receipt["part"] == job.part:
+        if receipt.get("segments") == [list(g) for g in job.segments]:
             kept[job.shard] = receipt
     return kept
 
