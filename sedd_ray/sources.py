@@ -12,8 +12,10 @@ Spellings (``data.corpus``):
 - ``parquet:GLOB[:FIELD]``: Parquet files, one document a row;
 - ``hf:NAME[:CONFIG][:SPLIT]``: a Hugging Face dataset through ``datasets.load_dataset``
   (the Hub or its local cache), or ``hf:/path/to/dir[:SPLIT]`` for a dataset written by
-  ``save_to_disk``. Without ``SPLIT`` its own ``validation``/``test`` splits are used
-  when it has them.
+  ``save_to_disk``. Without ``SPLIT``, its own ``train``/``validation``/``test`` splits
+  are used when it has all three; otherwise its ``train`` split (or every split) is held
+  out by document (:func:`sedd_ray.store.split_codes`). Datasets are downloaded (or
+  memory-mapped from disk), not streamed.
 
 ``GLOB`` is a local path or a ``file://``, ``s3://``, ``gs://`` URI with ``*``/``?``
 (read through ``pyarrow.fs``; see :mod:`sedd_ray.io`). A *part* is one file or one split
