@@ -407,7 +407,6 @@ def build_store(cfg: Any, progress: bool = False, corpus: sources.Corpus | None 
         _check_dtype(cfg, cfg.vocab_size)
     uri = store_uri(cfg, corpus)
     fs, root, _ = filesystem(uri)
-
     if _exists(fs, f"{root}/{INDEX_FILE}"):
         return uri
     t0 = time.perf_counter()
