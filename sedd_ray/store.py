@@ -583,14 +583,15 @@ class TokenStore:
 
 
 class TokenStream:
-    """Training blocks drawn from memory-mapped train shards.
+    """Training blocks drawn from the train shards (``np.memmap`` for their lengths and
+    files; each block read with ``os.pread``).
 
     Sample ``j`` (the trainer's global sample index: step ``s``, rank ``r`` and
     micro-batch ``a`` take ``s*B + a*W*b + r*b + [0, b)``) is the block of ``seq_len``
     tokens starting at valid position ``mix(seed, j) mod T``, where the ``T`` valid
     positions are those of every train shard at which a whole block fits. A batch is
     therefore a function of (seed, step, rank) alone, the same after a resume, and only
-    the touched pages of the shards are ever read. ``max_tokens`` > 0 keeps the first
+    its own bytes are read: the process's memory does not grow with the corpus. ``max_tokens`` > 0 keeps the first
     ``max_tokens`` train tokens (``data.max_train_tokens``).
     """
 
@@ -627,8 +628,18 @@ class TokenStream:
         shard = np.searchsorted(self.cum, pos, side="right")
         off = pos - self.first[shard]
         out = np.empty((count, self.seq_len), np.int64)
-        for i, (s, o) in enumerate(zip(shard.tolist(), off.tolist())):
-            out[i] = self.arrays[s][o: o + self.seq_len]
+        for s in np.unique(shard).tolist():
+            # pread, not the memmap's pages: a fault maps a whole page-cache folio (up to
+            # 2 MB) into the process, so random blocks would grow its RSS with the corpus
+            arr = self.arrays[s]
+            size = arr.dtype.itemsize
+            fd = os.open(arr.filename, os.O_RDONLY)
+            try:
+                for i in np.flatnonzero(shard == s).tolist():
+                    data = os.pread(fd, self.seq_len * size, int(off[i]) * size)
+                    out[i] = np.frombuffer(data, arr.dtype)
+            finally:
+                os.close(fd)
         return torch.from_numpy(out)
 
     def epochs(self, tokens_seen: int) -> float:
