@@ -265,6 +265,15 @@ class DataConfig:
     (``train.seed``) never changes the data, so every trial of a study is measured on the
     same validation blocks with the same tokenizer (``DataBundle.meta["data_identity"]``).
     A study that wants to vary the split makes ``split_seed`` an explicit axis.
+
+    Corpora at scale go through the token store (:mod:`sedd_ray.store`): ``txt:GLOB``,
+    ``jsonl:GLOB[:FIELD]``, ``parquet:GLOB[:FIELD]``, ``hf:NAME[:CONFIG][:SPLIT]`` (or
+    ``hf:/dir/from/save_to_disk``), tokenized once into shards under ``store_dir`` and
+    streamed by the trainer; ``store:URI`` reads a built store. ``text_field``: the
+    documents' field; ``shard_tokens``: about how many tokens a shard holds;
+    ``token_dtype``: ``uint16``, or ``uint32`` for a vocabulary over 65,536 (an explicit
+    switch); ``tokenize_workers``: processes (0 = every CPU); ``tokenizer_sample_mb``:
+    the bounded sample a BPE is trained on.
     """
 
     corpus: str = "shakespeare"
@@ -276,9 +285,17 @@ class DataConfig:
     max_train_tokens: int = 0  # 0 = all
     split_seed: int = 0  # the split and tokenizer seed; never train.seed
     cache_dir: str = ""  # "" = $SEDD_RAY_CACHE or ~/.cache/sedd_ray
+    # the token store (store corpora only)
+    store_dir: str = ""  # "" = <cache_dir>/stores; a path or s3://, gs://, file:// URI
+    text_field: str = "text"
+    shard_tokens: int = 1 << 24
+    token_dtype: str = "uint16"  # uint32 for vocabularies over 65,536
+    tokenize_workers: int = 0  # 0 = every CPU of the machine that builds
+    tokenizer_sample_mb: int = 256  # a bpe is trained on at most this much train text
 
     def validate(self) -> None:
         _check(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}; try --seq-len 128")
+        self._validate_store()
         _check(
             self.tokenizer in ("bpe", "gpt2"),
             f"unknown tokenizer {self.tokenizer!r}; valid tokenizers: bpe, gpt2",
@@ -290,6 +307,11 @@ class DataConfig:
                 parse_spec(self.corpus)
             except SyntheticError as err:
                 raise ConfigError(f"data.corpus: {err}") from None
+        elif self.tokenizer == "bpe" and self.corpus.partition(":")[0] in STORE_CORPORA:
+            _check(self.vocab_size >= 260, f"data.vocab_size must be >= 260, got {self.vocab_size}")
+            _check(self.vocab_size <= 65536 or self.token_dtype == "uint32",
+                   f"data.vocab_size {self.vocab_size} does not fit uint16 token ids (at most "
+                   "65536); set --set data.token_dtype=uint32")
         elif self.tokenizer == "bpe":
             _check(
                 260 <= self.vocab_size <= 65536,
@@ -302,6 +324,23 @@ class DataConfig:
         _check(self.max_train_tokens >= 0, "data.max_train_tokens must be >= 0 (0 = all)")
         _check(isinstance(self.split_seed, int) and self.split_seed >= 0,
                f"data.split_seed must be an integer >= 0, got {self.split_seed!r}")
+
+
+    def _validate_store(self) -> None:
+        _check(self.token_dtype in ("uint16", "uint32"),
+               f"data.token_dtype must be uint16 or uint32, got {self.token_dtype!r}")
+        for k in ("shard_tokens", "tokenizer_sample_mb"):
+            _check(getattr(self, k) > 0, f"data.{k} must be > 0, got {getattr(self, k)}")
+        _check(self.tokenize_workers >= 0,
+               f"data.tokenize_workers must be >= 0 (0 = every CPU), got {self.tokenize_workers}")
+        _check(bool(self.text_field), "data.text_field must name the documents' text field")
+        kind, _, arg = self.corpus.partition(":")
+        _check(kind not in STORE_CORPORA or bool(arg),
+               f"data.corpus {self.corpus!r} needs a location: {kind}:PATH_OR_GLOB_OR_NAME")
+
+
+# Corpora that go through the token store (sedd_ray.store); ``store:URI`` reads a built one.
+STORE_CORPORA = ("txt", "jsonl", "parquet", "hf", "store")
 
 
 @dataclass
@@ -586,22 +625,39 @@ def _cpu() -> RunConfig:
     )
 
 
+# The GPU presets' corpus (OpenWebText, about 9 B GPT-2 tokens, train split only: a
+# 0.5% + 0.5% hold-out by document) and the zero-shot corpora the SEDD paper reports on
+# (Hugging Face specs for sedd_ray.evaluate / data.corpus).
+OPENWEBTEXT = "hf:Skylion007/openwebtext"
+ZERO_SHOT_CORPORA = {
+    "lambada": "hf:EleutherAI/lambada_openai:default:test",
+    "wikitext2": "hf:Salesforce/wikitext:wikitext-2-raw-v1:test",
+    "ptb": "hf:ptb-text-only/ptb_text_only:penn_treebank:test",
+    "wikitext103": "hf:Salesforce/wikitext:wikitext-103-raw-v1:test",
+    "lm1b": "hf:lm1b:plain_text:test",
+}
+
+
 def _small() -> RunConfig:
-    """SEDD-small on OpenWebText-like data (GPU)."""
+    """SEDD-small as in the paper (GPU): OpenWebText through the token store, GPT-2
+    tokens, 400k steps x 512 x 1024 (about 210 B tokens, ~23 epochs), warm-up 2,500.
+    The batch is 512 sequences over ranks x ``grad_accum`` 8 (e.g. 8 GPUs x 8 x 8)."""
     return RunConfig(
         model=model_size("small"),
-        data=DataConfig(corpus="wikitext2", tokenizer="gpt2", seq_len=1024),
+        data=DataConfig(corpus=OPENWEBTEXT, tokenizer="gpt2", seq_len=1024,
+                        val_fraction=0.005, test_fraction=0.005),
         optim=OptimConfig(lr=3e-4, warmup_steps=2500, ema_decay=0.9999),
         train=TrainConfig(
-            steps=100_000, batch_size=64, log_every=50, eval_every=1000, eval_sequences=256,
-            eval_draws=8, test_draws=32, test_sequences=1024, ckpt_every=1000,
-            sample_every=5000, sample_length=256, sample_steps=256,
+            steps=400_000, batch_size=512, grad_accum=8, log_every=100, eval_every=5000,
+            eval_sequences=256, eval_draws=8, test_draws=32, test_sequences=1024,
+            ckpt_every=5000, sample_every=50_000, sample_length=256, sample_steps=256,
         ),
         preset="small",
     )
 
 
 def _medium() -> RunConfig:
+    """SEDD-medium (GPT-2 medium's shape) on the same data and schedule as ``small``."""
     cfg = _small()
     cfg.model = model_size("medium")
     cfg.preset = "medium"

@@ -48,13 +48,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from sedd_ray import synthetic
-from sedd_ray.config import DataConfig
+from sedd_ray.config import STORE_CORPORA, DataConfig
 from sedd_ray.io import atomic_dir, atomic_write
 from sedd_ray.registry import Registry
 
@@ -125,6 +125,7 @@ class Source:
     read: Callable[[bool], list[Document] | dict[str, list[Document]]]
     presplit: bool = False
     synthetic: tuple[synthetic.Synthetic, dict[str, int]] | None = None
+    store: bool = False  # a corpus of the token store (sedd_ray.store)
 
 
 CORPORA: Registry[Callable[[str | None], Source]] = Registry("corpus", "corpora")
@@ -283,14 +284,36 @@ for _source_name in synthetic.SOURCES:
     CORPORA.register(_source_name)(_synthetic_corpus(_source_name))
 
 
+def _store_corpus(name: str) -> Callable[[str | None], Source]:
+    """A corpus of the token store: resolved (files listed, field checked) and built by
+    :func:`sedd_ray.store.load_bundle`, which needs the whole :class:`DataConfig`."""
+    def make(arg: str | None) -> Source:
+        spec = f"{name}:{arg or ''}"
+
+        def read(progress: bool) -> list[Document]:
+            raise DataError(f"corpus {spec} is read through the token store")
+
+        return Source(spec=spec, identity={"corpus": spec}, read=read, store=True)
+
+    make.__doc__ = f"``{name}:...``: a corpus of the token store (see :mod:`sedd_ray.store`)."
+    return make
+
+
+for _store_name in STORE_CORPORA:
+    CORPORA.register(_store_name)(_store_corpus(_store_name))
+
+
 def resolve_corpus(spec: str) -> Source:
     """``"shakespeare"`` / ``"wikitext2"`` / ``"text:PATH"`` / ``"markov:k=v,..."`` ->
     :class:`Source` (cheap)."""
     name, sep, arg = spec.partition(":")
     if name not in CORPORA:
         valid = ", ".join("text:PATH" if n == "text" else
-                          f"{n}:key=value,..." if n in synthetic.SOURCES else n for n in CORPORA)
-        raise DataError(f"unknown corpus {spec!r}; valid corpora: {valid}")
+                          f"{n}:key=value,..." if n in synthetic.SOURCES else n
+                          for n in CORPORA if n not in STORE_CORPORA)
+        raise DataError(f"unknown corpus {spec!r}; valid corpora: {valid}; through the token "
+                        "store: txt:GLOB, jsonl:GLOB[:FIELD], parquet:GLOB[:FIELD], "
+                        "hf:NAME[:CONFIG][:SPLIT], store:URI")
     return CORPORA.get(name)(arg if sep else None)
 
 
@@ -570,6 +593,16 @@ class DataBundle:
     eos_id: int
     backend: Tokenizer = field(repr=False)
     meta: dict[str, Any] = field(repr=False)
+    # a store corpus: the training blocks (a sedd_ray.store.TokenStream); train is empty
+    stream: Any = field(default=None, repr=False)
+
+    def train_source(self, seed: int) -> TrainSource:
+        """What the trainer draws its batches from, for training seed ``seed``:
+        ``rows(start, count) -> LongTensor (count, seq_len)`` gives the run's global
+        samples ``start .. start + count - 1``, a function of ``(seed, sample)`` alone."""
+        if self.stream is not None:
+            return self.stream.with_seed(seed)
+        return BlockSource(self.train, seed)
 
     @functools.cached_property
     def tokenizer(self) -> PreTrainedTokenizerFast:
@@ -638,6 +671,8 @@ def _load(cfg: DataConfig, source: Source, seed: int, progress: bool) -> DataBun
     """:func:`load_data` of a resolved ``source`` with split seed ``seed``."""
     if source.synthetic is not None:
         return _load_synthetic(cfg, source, seed)
+    if source.store:  # the split seed is data.split_seed's, never the training seed's
+        return _load_store(cfg, source, progress)
     tok_spec = _tokenizer_spec(cfg, source, seed)
     key = _hash({**tok_spec, "seq_len": cfg.seq_len, "max_train_tokens": cfg.max_train_tokens})
     final = cache_root(cfg) / "blocks" / key
@@ -931,3 +966,51 @@ def _bundle(t: dict[str, torch.Tensor], tok: Tokenizer, meta: dict) -> DataBundl
     return DataBundle(train=t["train"], val=t["val"], test=t["test"],
                       vocab_size=int(meta["vocab_size"]), eos_id=int(meta["eos_id"]),
                       backend=tok, meta=meta)
+
+
+# --- what the trainer draws from -----------------------------------------------------------
+
+class TrainSource(Protocol):
+    """The training blocks of a run: in memory (:class:`BlockSource`) or streamed from the
+    token store (:class:`sedd_ray.store.TokenStream`)."""
+
+    n_tokens: int
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        """LongTensor ``(count, seq_len)``: the run's samples ``start .. start + count - 1``."""
+        ...
+
+
+class BlockSource:
+    """In-memory blocks ``(n, seq_len)`` in the trainer's epoch order
+    (:class:`sedd_ray.trainer.BatchOrder`: a fresh permutation per epoch from the seed)."""
+
+    def __init__(self, blocks: torch.Tensor, seed: int) -> None:
+        from sedd_ray.trainer import BatchOrder  # the order every earlier run used
+
+        self.blocks, self.order = blocks, BatchOrder(blocks.shape[0], seed)
+        self.n_tokens = int(blocks.numel())
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        return self.blocks[self.order.indices(start, count)]
+
+
+def _load_store(cfg: DataConfig, source: Source, progress: bool) -> DataBundle:
+    """A store corpus: built once (or found) and opened by :mod:`sedd_ray.store`."""
+    from sedd_ray import store
+
+    bundle = store.load_bundle(cfg, progress)
+    source.identity = {"corpus": source.spec, "store": bundle.meta["cache_key"]}
+    return bundle
+
+
+def announce(cfg: Any, train_tokens: int, vocab_size: int) -> str:
+    """The one-line estimate of a run of ``cfg`` (a RunConfig) on ``train_tokens`` train
+    tokens; a config that would repeat its data more than a few times also gets a logged
+    warning with the numbers. Returns the estimate line."""
+    from sedd_ray import store
+
+    warning = store.repeat_warning(cfg, train_tokens)
+    if warning:
+        log.warning(warning)
+    return store.estimate_line(cfg, train_tokens, vocab_size)

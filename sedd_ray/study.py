@@ -564,14 +564,15 @@ def _precheck_data(spec: StudySpec) -> None:
     """Load (building the shared cache) the data of each level's first trial config, so a
     bad corpus is one DataError line before any folder, Ray or trial; the trial drivers
     then hit the cache."""
-    from sedd_ray.data import load_data
+    from sedd_ray.data import announce, load_data
 
     seen = []
     for level in spec.levels or [None]:
         cfg = spec.trial_config({**spec.first_params(level), "seed": spec.seeds[0]})
         if cfg.data not in seen:  # the split is data.split_seed's, never train.seed's
             seen.append(cfg.data)
-            load_data(cfg.data)
+            bundle = load_data(cfg.data)  # a store corpus: built here, once
+            print(announce(cfg, bundle.meta["n_tokens"]["train"], bundle.vocab_size), flush=True)
 
 
 def _new_tuner(spec: StudySpec, storage: str, driver, verbose: int):

@@ -41,7 +41,7 @@ from torch import nn
 
 from sedd_ray import checkpoint as ckpt
 from sedd_ray.config import RunConfig, apply_params
-from sedd_ray.data import DataBundle, load_data
+from sedd_ray.data import DataBundle, announce, load_data
 from sedd_ray.diffusion import (
     model_score_fn,
     sample,
@@ -361,7 +361,9 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self._wrap_model()
-        self.order = BatchOrder(bundle.train.shape[0], t.seed)
+        self.batches = bundle.train_source(t.seed)  # in memory, or streamed from the store
+        if self.is_main:
+            print(announce(cfg, self.batches.n_tokens, bundle.vocab_size), flush=True)
         self.step, self.tokens, self.best_val = 0, 0, math.inf
         self.resumed_from = 0
         self.history: list[dict[str, Any]] = []
@@ -467,7 +469,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for a in range(t.grad_accum):
             start = self.step * t.batch_size + a * self.world * self.micro + self.rank * self.micro
-            x0 = self.data.train[self.order.indices(start, self.micro)]
+            x0 = self.batches.rows(start, self.micro)  # (micro, L), from (seed, step, rank)
             if self.device.type == "cuda":  # pinned: the copy below runs asynchronously
                 x0 = x0.pin_memory()
             x0 = x0.to(self.device, non_blocking=True)
@@ -651,6 +653,7 @@ class Trainer:
         window.reset(self.step, mean_loss)
         return {
             "step": self.step, "tokens": self.tokens, "train_loss": mean_loss,
+            "epochs": self.tokens / max(self.batches.n_tokens, 1),
             "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
             "step_time_s": elapsed / max(steps_done, 1),
             "tokens_per_s": steps_done * t.batch_size * self.cfg.data.seq_len / max(elapsed, 1e-9),

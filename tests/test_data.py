@@ -347,7 +347,8 @@ def test_bad_corpus(corpus, match, tmp_path):
     with pytest.raises(DataError, match=match):
         load_data(DataConfig(corpus=corpus, cache_dir=str(tmp_path / "c")))
     assert not (tmp_path / "c").exists()
-    assert set(CORPORA) == {"shakespeare", "text", "wikitext2", "markov", "copy"}
+    assert set(CORPORA) == {"shakespeare", "text", "wikitext2", "markov", "copy",
+                            "txt", "jsonl", "parquet", "hf", "store"}  # the token store's
 
 
 def test_empty_corpus(tmp_path):
