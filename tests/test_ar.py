@@ -20,6 +20,7 @@ from sedd_ray.diffusion.bound import paired_difference, spread_block_indices
 from sedd_ray.layout import TrainerFiles
 from sedd_ray.model import count_parameters
 from sedd_ray.objective import OBJECTIVES
+from sedd_ray.sample import load_model
 from sedd_ray.synthetic import parse_spec
 from sedd_ray.trainer import Trainer, train
 
@@ -144,6 +145,12 @@ def test_ar_resume_matches_uninterrupted_run(tmp_path, markov_cfg):
     assert resumed.val_nll_final == full.val_nll_final and resumed.samples == full.samples
     _, meta = ckpt.load_checkpoint(full.checkpoint_dir)
     assert meta["model_kind"] == "ar" and meta["graph"] is None  # no graph for AR
+    loaded = load_model(full.checkpoint_dir)  # sample.py: ancestral samples of the EMA model
+    texts = loaded.generate(num_samples=3, length=10, seed=1)
+    assert texts == loaded.generate(num_samples=3, length=10, seed=1)
+    assert len(texts) == 3 and all(len(t) == 10 and set(t) <= set("abcdefgh") for t in texts)
+    with pytest.raises(ValueError, match="need a diffusion model"):
+        loaded.generate(num_samples=1, length=10, prefix="ab")
 
 
 def test_train_cli_runs_the_ar_reference(tmp_path):
