@@ -165,3 +165,34 @@ def test_train_cli_runs_the_ar_reference(tmp_path):
     assert json.loads(TrainerFiles(out).metrics.read_text().splitlines()[-1])["final"]
     _, meta = ckpt.load_checkpoint(final["checkpoint_dir"])
     assert meta["config"]["model"]["kind"] == "ar"
+
+
+@pytest.mark.ray
+def test_ar_is_a_level_of_a_model_kind_ablation(tmp_path):
+    """A study over model.kind: the AR trial finishes beside the diffusion one, on the same
+    validation blocks, and its row says which kind it is."""
+    import ray
+
+    from sedd_ray.results import read_blocks, read_trials
+    from sedd_ray.study import StudySpec, run_study
+
+    fixed = {"steps": 20, "log_every": 5, "eval_every": 10, "ckpt_every": 20, "seq_len": 16,
+             "corpus": SOURCE, "batch_size": 8, "eval_sequences": 8, "eval_draws": 2,
+             "final_eval_sequences": 16, "final_eval_draws": 2, "test_draws": 0,
+             "sample_count": 1, "sample_steps": 4, "sample_length": 16, "hidden_size": 32,
+             "cond_dim": 16, "progress": False, "cache_dir": str(tmp_path / "cache")}
+    spec = StudySpec(name="kinds", base="tiny", fixed=fixed, ablate="kind",
+                     levels=["diffusion", "ar"], trials_per_level=1, max_concurrent=2)
+    ray.init(address="local", num_cpus=2, resources={"sedd_driver": 1000})
+    try:
+        run_study(spec, str(tmp_path / "studies"), verbose=0)
+    finally:
+        ray.shutdown()
+    trials = read_trials(tmp_path / "studies", "kinds")
+    kind_col = next(c for c in trials.columns if c.endswith("kind"))
+    assert sorted(trials[kind_col]) == ["ar", "diffusion"]
+    assert (trials["status"] == "finished").all(), trials[["status", kind_col]]
+    assert trials["val_nll_final"].notna().all() and (trials["val_nll_final"] > 0).all()
+    blocks = read_blocks(tmp_path / "studies", "kinds")
+    per_trial = [sorted(g["block"]) for _, g in blocks.groupby("trial_id")]
+    assert len(per_trial) == 2 and per_trial[0] == per_trial[1] and len(per_trial[0]) == 16
