@@ -191,7 +191,7 @@ def test_ar_is_a_level_of_a_model_kind_ablation(tmp_path):
     trials = read_trials(tmp_path / "studies", "kinds")
     kind_col = next(c for c in trials.columns if c.endswith("kind"))
     assert sorted(trials[kind_col]) == ["ar", "diffusion"]
-    assert (trials["status"] == "finished").all(), trials[["status", kind_col]]
+    assert (trials["status"] == "terminated").all(), trials[["status", kind_col]]
     assert trials["val_nll_final"].notna().all() and (trials["val_nll_final"] > 0).all()
     blocks = read_blocks(tmp_path / "studies", "kinds")
     per_trial = [sorted(g["block"]) for _, g in blocks.groupby("trial_id")]
