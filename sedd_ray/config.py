@@ -53,9 +53,15 @@ class ModelConfig:
     # e^{-sb}/(1-e^{-sb}) * p; enables the cached sampler that skips the network when no
     # token changed.
     time_conditioning: bool = True
+    # "diffusion": the SEDD score network; "ar": the autoregressive reference (the same
+    # backbone with causal attention and a next-token loss, :mod:`sedd_ray.ar`), which
+    # ignores the diffusion section and scale_by_sigma / time_conditioning.
+    kind: str = "diffusion"
     name: str = "custom"
 
     def validate(self) -> None:
+        _check(self.kind in MODEL_KINDS, f"unknown model.kind {self.kind!r}; valid model "
+                                         f"kinds: {', '.join(MODEL_KINDS)}")
         for k in ("hidden_size", "n_layers", "n_heads", "cond_dim", "max_seq_len", "mlp_ratio"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v > 0, f"model.{k} must be a positive integer, got {v!r}")
@@ -70,6 +76,9 @@ class ModelConfig:
             "even for rotary embeddings",
         )
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+MODEL_KINDS = ("ar", "diffusion")  # sedd_ray.objective.OBJECTIVES holds the same names
 
 
 def _model(name: str, hidden: int, layers: int, heads: int, cond: int, seq: int) -> ModelConfig:
@@ -469,7 +478,7 @@ class RunConfig:
             f"train.sample_length {self.train.sample_length} exceeds the model's max_seq_len "
             f"{self.model.max_seq_len}",
         )
-        if not self.model.time_conditioning:
+        if not self.model.time_conditioning and self.model.kind == "diffusion":
             graphs = _registry("graph")
             ok = [n for n in graphs.names() if graphs.get(n).time_independent_ok]
             _check(

@@ -94,12 +94,15 @@ def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
 
 
 class DiTBlock(nn.Module):
-    """One adaLN-zero transformer block; (B, L, H), (B, cond_dim) -> (B, L, H)."""
+    """One adaLN-zero transformer block; (B, L, H), (B, cond_dim) -> (B, L, H).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``causal=True`` masks attention to earlier positions (the autoregressive reference,
+    :mod:`sedd_ray.ar`); the score network's blocks are bidirectional."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = False) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.n_heads = cfg.n_heads
+        self.n_heads, self.causal = cfg.n_heads, causal
         self.norm1 = LayerNorm(h)
         self.qkv = nn.Linear(h, 3 * h, bias=False)
         self.attn_out = nn.Linear(h, h, bias=False)
@@ -120,7 +123,7 @@ class DiTBlock(nn.Module):
         qkv = self.qkv(modulate(self.norm1(x), shift1, scale1))  # (B, L, 3H)
         q, k, v = qkv.view(B, L, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh, L, hd)
-        a = F.scaled_dot_product_attention(q, k, v)  # bidirectional: no mask
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, L, hd)
         a = a.transpose(1, 2).reshape(B, L, H)
         x = x + gate1 * self.dropout(self.attn_out(a))
         x = x + gate2 * self.dropout(self.mlp(modulate(self.norm2(x), shift2, scale2)))
@@ -263,16 +266,20 @@ class ScoreModel(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameter counts of a ScoreModel (also inside DDP or torch.compile wrappers).
+    """Parameter counts of a ScoreModel or an :class:`sedd_ray.ar.ARModel` (also inside
+    DDP or torch.compile wrappers).
 
     ``embedding`` is the input embedding plus the output projection (weight and bias);
     ``non_embedding`` is everything else, the number the SEDD paper quotes (~90M for small).
     """
+    from sedd_ray.ar import ARModel  # ar builds on this module
+
     inner = model
-    while not isinstance(inner, ScoreModel):
+    while not isinstance(inner, (ScoreModel, ARModel)):
         nxt = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
         if nxt is None:
-            raise TypeError(f"count_parameters expects a ScoreModel, got {type(model).__name__}")
+            raise TypeError(f"count_parameters expects a ScoreModel or an ARModel, got "
+                            f"{type(model).__name__}")
         inner = nxt
     total = sum(p.numel() for p in inner.parameters())
     embedding = inner.embed.weight.numel() + sum(

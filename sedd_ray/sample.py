@@ -65,10 +65,12 @@ class LoadedModel:
                 (bool(pre), bool(suf)), "--prefix and --suffix take")
             raise ValueError(f"{what} {len(pre) + len(suf)} tokens, more than --length "
                              f"{length}; shorten it or raise --length")
+        g = torch.Generator(device=device).manual_seed(seed)
+        if self.cfg.model.kind != "diffusion":  # the AR reference: ancestral, no infilling
+            return self._generate_by_objective(num_samples, length, steps, g, pre, suf)
         fixed_mask = fixed_tokens = None
         if pre or suf:
             fixed_mask, fixed_tokens = conditioning_from_prefix_suffix(pre, suf, length, num_samples)
-        g = torch.Generator(device=device).manual_seed(seed)
         # exp(model(x, sigma_bar)), (B, L, dim), in the trained run's precision; a
         # time-independent (RADD) absorbing model skips the network call when no token
         # changed since the last one (same samples).
@@ -78,6 +80,22 @@ class LoadedModel:
                    predictor=predictor, denoise=True, eps=self.cfg.diffusion.sampling_eps,
                    generator=g, device=device, fixed_mask=fixed_mask, fixed_tokens=fixed_tokens,
                    progress=progress)
+        return [self.decode(row.tolist()) for row in x.cpu()]
+
+    def _generate_by_objective(self, num_samples: int, length: int, steps: int,
+                               g: torch.Generator, pre: list[int], suf: list[int]) -> list[str]:
+        """Texts from the model kind's own sampler (:mod:`sedd_ray.objective`); the
+        autoregressive reference samples token by token and ignores ``steps``."""
+        from sedd_ray.objective import build_objective
+        from sedd_ray.trainer import bf16_autocast
+
+        if pre or suf:
+            raise ValueError(f"--prefix/--suffix need a diffusion model; this checkpoint is "
+                             f"model.kind={self.cfg.model.kind}")
+        device = next(self.model.parameters()).device
+        x = build_objective(self.cfg, self.graph, self.noise).sample(
+            self.model, batch=num_samples, length=length, steps=steps, generator=g,
+            device=device, autocast=bf16_autocast(self.cfg.train.precision, device))
         return [self.decode(row.tolist()) for row in x.cpu()]
 
     def encode(self, text: str) -> list[int]:
@@ -94,7 +112,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     from tokenizers import Tokenizer
 
     from sedd_ray.hub import is_pretrained_ref
-    from sedd_ray.model import ScoreModel
+    from sedd_ray.objective import build_objective
     from sedd_ray.trainer import TOKENIZER_FILE
 
     if is_pretrained_ref(path):
@@ -120,7 +138,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         )
     graph = cfg.diffusion.build_graph(vocab)
     noise = cfg.diffusion.build_noise()
-    model = ScoreModel(cfg.model, graph)
+    model = build_objective(cfg, graph, noise).build_model(cfg.model)  # by model.kind
     if "ema" not in state:
         raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights")
     try:

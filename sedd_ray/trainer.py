@@ -42,20 +42,11 @@ from torch import nn
 from sedd_ray import checkpoint as ckpt
 from sedd_ray.config import RunConfig, apply_params
 from sedd_ray.data import DataBundle, announce, load_data
-from sedd_ray.diffusion import (
-    model_score_fn,
-    sample,
-    score_entropy_loss,
-)
-from sedd_ray.diffusion.bound import (
-    mean_stderr,
-    score_model_log_score_fn,
-    split_bound,
-    spread_block_indices,
-)
+from sedd_ray.diffusion.bound import mean_stderr, spread_block_indices
 from sedd_ray.io import atomic_write
 from sedd_ray.layout import TrainerFiles
-from sedd_ray.model import ScoreModel, count_parameters
+from sedd_ray.model import count_parameters
+from sedd_ray.objective import DiffusionObjective, build_objective
 from sedd_ray.values import perplexity
 
 PROGRESS_INTERVAL_NO_TTY_S = 10.0  # seconds between progress lines when stderr is no terminal
@@ -291,11 +282,13 @@ class Evaluation:
 @torch.no_grad()
 def evaluate_bound(
     model: nn.Module, graph, noise, split: torch.Tensor, *, count: int | None, draws: int,
-    seed: int, rows: int, device: torch.device, autocast: Any = None,
+    seed: int, rows: int, device: torch.device, autocast: Any = None, objective: Any = None,
 ) -> Evaluation:
     """The importance-sampled bound (:func:`sedd_ray.diffusion.bound.split_bound`) of
     ``count`` blocks evenly spread over ``split`` (n, L) (None: all), ``draws`` per block,
     seeded by ``(seed, block id)`` only; ``rows`` (block x draw) per network call.
+    ``objective`` (:mod:`sedd_ray.objective`, default the diffusion one of ``graph`` and
+    ``noise``) says what is evaluated: the AR reference's exact NLL on the same blocks.
 
     Blocks are sharded over ranks and the per-block values all-gathered, so every rank
     gets the same :class:`Evaluation`, for any number of ranks.
@@ -303,9 +296,9 @@ def evaluate_bound(
     rank, world = _dist()
     model.eval()
     with autocast or nullcontext():
-        ids, nll = split_bound(score_model_log_score_fn(model), graph, noise, split,
-                               count=count, rank=rank, world=world, draws=draws, seed=seed,
-                               batch_size=rows, device=device)
+        objective = objective or DiffusionObjective(graph, noise)
+        ids, nll = objective.split_nll(model, split, count=count, rank=rank, world=world,
+                                       draws=draws, seed=seed, batch_size=rows, device=device)
     all_ids = spread_block_indices(split.shape[0], count)
     return Evaluation(all_ids, _all_gather_strided(nll, len(all_ids), device))
 
@@ -357,6 +350,7 @@ class Trainer:
             ckpt.ensure_writable_dir(self.out)  # read-only or full disk: fails before step 1
         self.graph = cfg.diffusion.build_graph(bundle.vocab_size)
         self.noise = cfg.diffusion.build_noise()
+        self.objective = build_objective(cfg, self.graph, self.noise)  # by model.kind
         torch.manual_seed(_derive_seed(t.seed, 1))  # identical initial weights on all ranks
         self._build_model()
         self._build_optimizer()
@@ -391,7 +385,7 @@ class Trainer:
 
     def _build_model(self) -> None:
         """The model (on the device) and its EMA copy."""
-        self.raw_model = ScoreModel(self.cfg.model, self.graph).to(self.device)
+        self.raw_model = self.objective.build_model(self.cfg.model).to(self.device)
         self.ema = copy.deepcopy(self.raw_model).requires_grad_(False).eval()
         self.params = count_parameters(self.raw_model)
 
@@ -433,7 +427,8 @@ class Trainer:
     def save(self) -> Path:
         meta = {
             "tokens": self.tokens, "config": self.cfg.to_dict(),
-            "vocab_size": self.data.vocab_size, "graph": self.cfg.diffusion.graph,
+            "vocab_size": self.data.vocab_size, "model_kind": self.cfg.model.kind,
+            "graph": self.cfg.diffusion.graph if self.cfg.model.kind == "diffusion" else None,
             "data": {k: v for k, v in self.data.meta.items() if _jsonable(v)},
             "best_val_nll": self.best_val if math.isfinite(self.best_val) else None,
         }
@@ -476,9 +471,7 @@ class Trainer:
             sync = a == t.grad_accum - 1 or self.world == 1
             ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
             with ctx, (self.autocast or nullcontext()):
-                per_seq = score_entropy_loss(self.model, self.graph, self.noise, x0,
-                                             eps_t=cfg.diffusion.eps_t,
-                                             antithetic=cfg.diffusion.antithetic, generator=g)
+                per_seq = self.objective.loss(self.model, x0, g)  # (B,) nats/sequence
                 loss = per_seq.mean() / t.grad_accum
                 if self.step + 1 == self.nan_drill_step:
                     loss = loss * float("nan")  # the NaN drill (SEDD_RAY_DRILL_NAN_AT)
@@ -516,7 +509,7 @@ class Trainer:
         return evaluate_bound(self.ema, self.graph, self.noise, getattr(self.data, split),
                               count=count, draws=draws, seed=t.eval_seed,
                               rows=t.eval_batch_size, device=self.device,
-                              autocast=autocast)
+                              autocast=autocast, objective=self.objective)
 
     @torch.no_grad()
     def samples(self) -> list[str]:
@@ -524,11 +517,9 @@ class Trainer:
         if t.sample_count == 0:
             return []
         g = torch.Generator(device=self.device).manual_seed(_derive_seed(t.seed, 5))
-        # a time-independent (RADD) model reuses its output while no token changed
-        score_fn = model_score_fn(self.ema, autocast=self.autocast)
-        x = sample(score_fn, self.graph, self.noise, batch=t.sample_count, length=t.sample_length,
-                   steps=t.sample_steps, predictor="analytic", denoise=True,
-                   eps=self.cfg.diffusion.sampling_eps, generator=g, device=self.device)
+        x = self.objective.sample(self.ema, batch=t.sample_count, length=t.sample_length,
+                                  steps=t.sample_steps, generator=g, device=self.device,
+                                  autocast=self.autocast)
         return [self.data.decode(row.tolist()) for row in x.cpu()]
 
     # -- reporting --

@@ -140,6 +140,7 @@ def rewrite_checksums(ckpt_dir: Path) -> None:
     (["--noise", "cosine"], r"unknown noise 'cosine'; valid noises: geometric, loglinear$"),
     (["--preset", "huge"], r"unknown preset 'huge'; valid presets: smoke, tiny, cpu, small"),
     (["--model", "huge"], r"unknown model size 'huge'; valid sizes: tiny, mini, base"),
+    (["--kind", "gpt"], r"unknown model.kind 'gpt'; valid model kinds: ar, diffusion$"),
     (["--tokenizer", "bytes"], r"unknown tokenizer 'bytes'; valid tokenizers: bpe, gpt2"),
     (["--lr", "0"], r"optim.lr must be > 0, got 0.0; pass --lr 3e-4"),
     (["--lr", "-1"], r"optim.lr must be > 0, got -1.0"),

@@ -97,7 +97,9 @@ def test_checkpoint_holds_the_whole_state(tmp_path, tiny_bundle):
 
 
 def test_nan_loss_stops_with_step_and_last_finite_loss(tmp_path, tiny_bundle, monkeypatch):
-    real = trainer_mod.score_entropy_loss
+    from sedd_ray import objective as objective_mod  # the trainer's loss comes from there
+
+    real = objective_mod.score_entropy_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -105,7 +107,7 @@ def test_nan_loss_stops_with_step_and_last_finite_loss(tmp_path, tiny_bundle, mo
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] == 13 else out  # the 13th update
 
-    monkeypatch.setattr(trainer_mod, "score_entropy_loss", poisoned)
+    monkeypatch.setattr(objective_mod, "score_entropy_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"at step 13; last finite loss [0-9.]+ nats/token at step 10"):
         train(tiny_config(steps=40), tmp_path, bundle=tiny_bundle)
 
