@@ -26,7 +26,10 @@ Definitions (per sample; a study reports the mean over samples and its standard 
   ``<|endoftext|>``, which GPT-2's tokenizer maps back to its EOS token) and encoded by the
   evaluation LM's tokenizer with no special tokens; the LM's BOS token (else its EOS) is
   put in front as context so every sample token is scored; with neither, the first token
-  is context only. Texts longer than the LM's context are cut to it.
+  is context only. Texts longer than the LM's context are cut to it. The evaluation LM
+  may also be the platform's own autoregressive reference (a checkpoint trained with
+  ``--kind ar``, :class:`ReferenceLM`): it encodes with its own tokenizer and scores every
+  token, the first from its learned start state (no BOS needed).
 
 Everything here is plain torch/numpy; the evaluation LM needs ``transformers``.
 """
@@ -48,6 +51,7 @@ from sedd_ray.config import ConfigError
 __all__ = [
     "EvalLM",
     "EvalLMError",
+    "ReferenceLM",
     "distinct_n",
     "gen_ppl",
     "load_eval_lm",
@@ -191,13 +195,75 @@ class EvalLM:
         return nll, count
 
 
-def load_eval_lm(spec: str, device: str | torch.device = "cpu") -> EvalLM:
-    """A local Hugging Face causal-LM directory (``save_pretrained``) or a Hub id.
+@dataclass
+class ReferenceLM:
+    """The platform's autoregressive reference (:mod:`sedd_ray.ar`) as an evaluation LM:
+    ``loaded`` is a :class:`sedd_ray.sample.LoadedModel` of a ``model.kind=ar``
+    checkpoint. Same ``nll(texts)`` contract as :class:`EvalLM`; every token is scored."""
+
+    loaded: Any
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.loaded.model.parameters()).device
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> the reference's own token ids, cut to its training block length."""
+        return self.loaded.tokenizer.encode(text).ids[: self.loaded.cfg.data.seq_len]
+
+    @torch.no_grad()
+    def nll(self, texts: Sequence[str], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL (nats) of every text's tokens and how many were scored: (n,), (n,).
+        Texts are right-padded in a batch: causal attention never looks at the padding."""
+        from sedd_ray.ar import token_nll
+
+        encoded = [self.encode(t) for t in texts]
+        nll = torch.zeros(len(texts), dtype=torch.float64)
+        count = torch.tensor([len(ids) for ids in encoded], dtype=torch.long)
+        for start in range(0, len(encoded), batch_size):
+            part = encoded[start:start + batch_size]
+            width = max(max(len(ids) for ids in part), 1)
+            ids = torch.zeros(len(part), width, dtype=torch.long)
+            for i, row in enumerate(part):
+                ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            keep = (torch.arange(width)[None, :] < count[start:start + len(part), None]).double()
+            per_token = token_nll(self.loaded.model, ids.to(self.device)).double().cpu()
+            nll[start:start + len(part)] = (per_token * keep).sum(-1)
+        return nll, count
+
+
+def _reference_lm(spec: str, path: Path, device: str | torch.device) -> ReferenceLM | None:
+    """``spec`` as a sedd-ray checkpoint (or run folder) of the AR reference; None when it
+    is not a checkpoint; EvalLMError when it is a diffusion one (not a causal LM)."""
+    from sedd_ray.checkpoint import CheckpointError
+    from sedd_ray.sample import checkpoint_dir, load_model
+
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    try:
+        loaded = load_model(checkpoint_dir(str(path)), device)
+    except CheckpointError:
+        return None
+    if loaded.cfg.model.kind != "ar":
+        raise EvalLMError(f"--eval-lm {spec}: a {loaded.cfg.model.kind} checkpoint is not a "
+                          "causal LM; pass an autoregressive reference (trained with --kind ar) "
+                          "or a Hugging Face causal LM")
+    loaded.model.eval()
+    return ReferenceLM(loaded, str(path.resolve()))
+
+
+def load_eval_lm(spec: str, device: str | torch.device = "cpu") -> EvalLM | ReferenceLM:
+    """A local Hugging Face causal-LM directory (``save_pretrained``), a Hub id, or a
+    sedd-ray checkpoint of the autoregressive reference (``--kind ar``).
 
     Raises :class:`EvalLMError` (one line) when a path does not exist, the folder or id
     is not a causal LM, or the Hub is needed and unreachable."""
     looks_like_path = os.sep in spec or spec.startswith((".", "~"))
     path = Path(spec).expanduser()
+    reference = _reference_lm(spec, path, device)
+    if reference is not None:
+        return reference
     if looks_like_path and not path.exists():
         raise EvalLMError(f"--eval-lm {spec}: no such directory; pass a folder written by "
                           "save_pretrained (config.json, weights, tokenizer) or a Hub id")
