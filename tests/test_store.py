@@ -362,3 +362,37 @@ def test_store_cli_smoke_test_and_bad_corpus(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: data.corpus 'shakespeare' is not a store")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.ray
+def test_a_study_builds_its_store_once_and_every_trial_reads_it(corpus, tmp_path):
+    """A real study on a jsonl corpus: the driver builds the store before any trial starts
+    (no shard is written after the first trial's start), and both trials, with different
+    training seeds, are measured on the one data identity."""
+    import ray
+
+    from sedd_ray.results import read_trials
+    from sedd_ray.study import Choice, StudySpec, run_study
+
+    fixed = {"steps": 4, "log_every": 2, "eval_every": 4, "ckpt_every": 4, "seq_len": 32,
+             "corpus": f"jsonl:{corpus}/*.jsonl*", "vocab_size": 300, "shard_tokens": 20_000,
+             "tokenize_workers": 1, "tokenizer_sample_mb": 1, "cache_dir": str(tmp_path / "cache"),
+             "batch_size": 4, "eval_sequences": 4, "eval_draws": 1, "final_eval_sequences": 8,
+             "final_eval_draws": 1, "test_draws": 0, "sample_count": 1, "sample_steps": 2,
+             "sample_length": 8, "hidden_size": 32, "cond_dim": 16, "n_layers": 1,
+             "progress": False}
+    spec = StudySpec(name="store-study", base="tiny", fixed=fixed, space={"lr": Choice([1e-3])},
+                     seeds=[0, 1], num_trials=2, max_concurrent=2)
+    ray.init(address="local", num_cpus=2, resources={"sedd_driver": 1000})
+    try:
+        run_study(spec, str(tmp_path / "studies"), verbose=0)
+    finally:
+        ray.shutdown()
+    trials = read_trials(tmp_path / "studies", "store-study")
+    assert (trials["status"] == "terminated").all() and sorted(trials["seed"]) == [0, 1]
+    assert trials["data_identity"].nunique() == 1
+    indexes = list((tmp_path / "cache").rglob("index.json"))
+    assert len(indexes) == 1  # one store for the study
+    last_write = max(p.stat().st_mtime for p in indexes[0].parent.rglob("*") if p.is_file()
+                     and p.parent.name == "shards")
+    assert last_write < trials["start_time"].min().timestamp()
