@@ -275,21 +275,22 @@ def test_a_password_in_the_url_is_never_pickled_with_the_study(monkeypatch):
 TINY = {"steps": 20, "log_every": 5, "eval_every": 10, "ckpt_every": 10, "vocab_size": 300,
         "seq_len": 32, "batch_size": 8, "eval_sequences": 8, "eval_draws": 2, "test_draws": 0,
         "sample_count": 1, "sample_steps": 4, "sample_length": 16, "hidden_size": 32,
-        "cond_dim": 16, "n_layers": 1, "progress": False}
+        "cond_dim": 16, "n_layers": 1, "progress": False, "final_eval_sequences": 16,
+        "final_eval_draws": 2}
 
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
-    """A graph ablation, one trial per level (noise, lr, warm-up and the conditional
-    sigma_min searched), 2 concurrent, on one local cluster; then ``--resume`` of the
-    finished study (a re-sync that must change nothing)."""
+    """A graph ablation, one tuning trial per level (noise, lr, warm-up and the conditional
+    sigma_min searched) and one replicate per level, 2 concurrent, on one local cluster;
+    then ``--resume`` of the finished study (a re-sync that must change nothing)."""
     import ray
 
     from sedd_ray.study import STUDIES, run_study
 
     storage = str(tmp_path_factory.mktemp("optuna") / "results")
     spec = STUDIES.get("graph-ablation")(fixed=dict(TINY), trials_per_level=1,
-                                         max_concurrent=2).validate()
+                                         max_concurrent=2, replicates=1).validate()
     ray.init(address="local", num_cpus=2, resources={"sedd_driver": 1000})
     try:
         run_study(spec, storage, verbose=0)
@@ -304,10 +305,11 @@ def smoke_study(tmp_path_factory):
 def test_smoke_study_load_study_returns_every_trial_with_parquet_values(smoke_study):
     storage, spec, n_first = smoke_study
     df = read_trials(storage, spec.name)
-    assert n_first == len(df) == 2 and (df["status"] == "terminated").all()
-    assert assert_mirrors_parquet(storage, spec.name) == 2  # the resume added nothing
+    assert n_first == len(df) == 4 and (df["status"] == "terminated").all()
+    assert assert_mirrors_parquet(storage, spec.name) == 4  # the resume added nothing
+    assert sorted(df["phase"]) == ["replicate", "replicate", "tune", "tune"]
     url = f"sqlite:///{StudyLayout(storage, spec.name).optuna_file}"
-    for _, row in df.iterrows():
+    for _, row in df[df["phase"] == "tune"].iterrows():  # replicates: their own study
         s = optuna.load_study(study_name=f"graph-ablation/graph={row['level']}", storage=url)
         (t,) = s.get_trials()
         assert t.state == TrialState.COMPLETE and t.value == _value(row)
@@ -347,12 +349,16 @@ def test_optuna_dashboard_serves_the_study(smoke_study, tmp_path):
                 time.sleep(0.3)
         assert studies is not None, (tmp_path / "dashboard.log").read_text()
         names = {s["study_name"]: s["study_id"] for s in studies}
-        assert sorted(names) == ["graph-ablation/graph=absorb", "graph-ablation/graph=uniform"]
+        assert sorted(names) == ["graph-ablation/graph=absorb",
+                                 "graph-ablation/graph=absorb/replicate",
+                                 "graph-ablation/graph=uniform",
+                                 "graph-ablation/graph=uniform/replicate"]
         df = read_trials(storage, spec.name)
-        for level, sid in ((n.split("=")[1], i) for n, i in names.items()):
+        for name, sid in names.items():
+            level, _, phase = name.split("=")[1].partition("/")
             detail = _get(f"{base}/api/studies/{sid}")
             (trial,) = detail["trials"]
-            row = df[df["level"] == level].iloc[0]
+            row = df[(df["level"] == level) & (df["phase"] == (phase or "tune"))].iloc[0]
             assert trial["state"] == "Complete"
             attrs = {a["key"]: a["value"] for a in trial["user_attrs"]}
             assert attrs["tune_trial_id"] == row["trial_id"]
