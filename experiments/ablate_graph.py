@@ -29,7 +29,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import (  # noqa: E402
-    FINAL_EVAL,
     Defaults,
     apply_defaults,
     make_parser,
@@ -45,8 +44,7 @@ from experiments.common import (  # noqa: E402
 # seed's paired difference favoured absorbing (+0.29, +0.69, +0.36), but with 3 seeds the
 # t-interval (t = 4.30 on 2 degrees of freedom) still covered 0 (95% CI -0.09 to 0.99, 450 s).
 # Five seeds (t = 2.78 on 4) make the interval about a third as wide.
-DEFAULTS = Defaults(preset="tiny", steps=1000, trials_per_level=2, replicates=5,
-                    settings=FINAL_EVAL)
+DEFAULTS = Defaults(preset="tiny", steps=1000, trials_per_level=2, replicates=5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import (  # noqa: E402
-    FINAL_EVAL,
     Defaults,
     apply_defaults,
     make_parser,
@@ -38,8 +37,7 @@ from experiments.common import (  # noqa: E402
 # 2 graphs x 2 schedules x (2 tuning trials + 3 replicates) of the tiny model at 600 steps,
 # 2 trials at a time: one trial trains in about 25 s on one core plus about 20 s of Ray,
 # so about 8 minutes on 2 quiet cores, twice that under load. Not sized to conclude.
-DEFAULTS = Defaults(preset="tiny", steps=600, trials_per_level=2, replicates=3,
-                    settings=FINAL_EVAL)
+DEFAULTS = Defaults(preset="tiny", steps=600, trials_per_level=2, replicates=3)
 
 
 def main(argv: list[str] | None = None) -> int:

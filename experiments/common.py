@@ -44,7 +44,7 @@ class Defaults:
     seeds: str = "0,1"  # tuning trial k of every level uses seed k % 2: levels share seeds
     replicates: int = 3  # replication phase: each level's best config with 3 fresh seeds
     # Parameters every trial gets unless the user ``--set``s them (short config names).
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=lambda: dict(FINAL_EVAL))
 
 
 def make_parser(prog: str, doc: str, defaults: Defaults) -> argparse.ArgumentParser:

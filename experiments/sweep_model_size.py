@@ -31,7 +31,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common import (  # noqa: E402
-    FINAL_EVAL,
     Defaults,
     apply_defaults,
     make_parser,
@@ -40,8 +39,7 @@ from experiments.common import (  # noqa: E402
 
 # Per trial on one core, measured here: tiny ~25 s, mini ~55 s, base ~330 s (600 steps),
 # plus about 20 s of Ray each; 15 trials 2 at a time. Not sized to conclude.
-DEFAULTS = Defaults(preset="tiny", steps=600, trials_per_level=2, replicates=3,
-                    settings=FINAL_EVAL)
+DEFAULTS = Defaults(preset="tiny", steps=600, trials_per_level=2, replicates=3)
 SIZES = "tiny,mini,base"
 
 
