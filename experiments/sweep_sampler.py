@@ -30,6 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sedd_ray.layout import EVALS_FILE  # noqa: E402
+
 # quality numbers plotted (the first found of each pair of panels), lower is better except entropy
 PANELS = ("truth_nll", "gen_ppl", "sample_entropy", "distinct_2")
 
@@ -58,11 +60,15 @@ def run_sweep(args: argparse.Namespace, ref: Any, sources: list[str], base: dict
     from ray import tune
 
     from sedd_ray.launch import connect
+    from sedd_ray.preflight import check_task
     from sedd_ray.results import append_evals
 
     if not grid:
         return 0
     connect(args.address)
+    # a trial no node can hold: one error line, and no trial starts
+    check_task(args.cpus_per_trial, args.gpus_per_trial, cpu_flag="--cpus-per-trial",
+               gpu_flag="--gpus-per-trial", unit="trial")
     device = "cuda" if args.gpus_per_trial > 0 else "cpu"
     space = {"point": tune.grid_search(grid), "ref": ref.__dict__, "sources": sources,
              "settings": base, "device": device}
@@ -171,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             added = run_sweep(args, ref, [s.spec for s in sources], base, grid, out)
+        except ConfigError as err:  # the cluster cannot hold one trial: refused, none ran
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         finally:
             import ray
 
@@ -201,14 +210,22 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any], 
     return ref, sources, base, _missing(points, base, ref, sources, out), out
 
 
+SMOKE = {"samples": 16, "steps": "1,4,16", "predictors": "analytic,euler", "caches": "batch"}
+
+
 def _smoke(args: argparse.Namespace, tmp: str) -> None:
+    """``--smoke-test``: small settings for the flags left at their defaults (a flag the
+    user gave is kept, and checked before the throwaway checkpoint is trained)."""
     from sedd_ray import evaluate as ev
 
-    args.samples, args.steps = 16, "1,4,16"
-    args.predictors, args.caches = "analytic,euler", "batch"
+    defaults = _parser()
+    for name, value in SMOKE.items():
+        if getattr(args, name) == defaults.get_default(name):
+            setattr(args, name, value)
+    _points(args)
     if not (args.checkpoint or args.study or args.trial != "best"):
         args.checkpoint = ev.smoke_checkpoint(tmp)
-        args.evals = args.evals or os.path.join(tmp, "evals.parquet")
+        args.evals = args.evals or os.path.join(tmp, EVALS_FILE)
 
 
 def _parser() -> argparse.ArgumentParser:

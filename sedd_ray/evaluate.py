@@ -68,6 +68,7 @@ from typing import Any
 
 from sedd_ray.cli import parse_list
 from sedd_ray.config import ConfigError
+from sedd_ray.layout import EVALS_FILE
 from sedd_ray.registry import Registry
 
 __all__ = [
@@ -505,7 +506,7 @@ def resolve_models(args: argparse.Namespace) -> tuple[list[ModelRef], str]:
     from sedd_ray.checkpoint import CheckpointError
     from sedd_ray.hub import is_pretrained_ref
     from sedd_ray.io import normalize
-    from sedd_ray.layout import EVALS_FILE, StudyLayout, evals_beside
+    from sedd_ray.layout import StudyLayout, evals_beside
     from sedd_ray.results import FINISHED_STATUSES, read_trials, resolve_study
     from sedd_ray.sample import checkpoint_dir, resolve_checkpoint
 
@@ -604,8 +605,10 @@ def run_jobs(jobs: list[Job], settings: EvalSettings, args: argparse.Namespace,
     import ray
 
     from sedd_ray.launch import connect
+    from sedd_ray.preflight import check_task
 
     connect(args.address)
+    check_task(args.cpus_per_task, args.gpus_per_task)  # a task no node can hold: one line
     device = "cuda" if args.gpus_per_task > 0 else "cpu"
     task = ray.remote(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)(evaluate_model)
     pending = [task.remote(j, settings, device) for j in jobs]
@@ -705,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tempfile
 
     from sedd_ray.checkpoint import CheckpointError
+    from sedd_ray.preflight import ResourceError
     from sedd_ray.results import ResultsError, append_evals
 
     args = _parser().parse_args(argv)
@@ -723,6 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             added = run_jobs(jobs, settings, args, lambda rows: append_evals(out, rows))
+        except ResourceError as err:  # refused before any task started: nothing written
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         except (ValueError, CheckpointError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -736,10 +743,12 @@ def _smoke_args(args: argparse.Namespace, tmp: str) -> None:
     """``--smoke-test``: tiny settings; with no model given, a throwaway checkpoint on a
     Markov source evaluated on that source (rows in the temporary folder)."""
     args.blocks, args.draws, args.samples, args.steps = 8, 2, args.samples or 4, 4
+    if args.corpus:
+        parse_corpora(args.corpus)  # a bad --corpus fails before the throwaway training
     if not (args.checkpoint or args.study or args.trial != "best"):
         args.checkpoint = smoke_checkpoint(tmp)
         args.corpus = args.corpus or "markov:vocab=8,order=1,sharpness=2"
-        args.evals = args.evals or os.path.join(tmp, "evals.parquet")
+        args.evals = args.evals or os.path.join(tmp, EVALS_FILE)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ __all__ = ["RunLayout", "StudyLayout", "TrainerFiles", "evals_beside"]
 
 
 EVALS_FILE = "evals.parquet"
+OPTUNA_FILE = "optuna.db"
 
 
 def evals_beside(checkpoint_dir: str | os.PathLike) -> str:
@@ -142,7 +143,7 @@ class StudyLayout:
     @property
     def optuna_file(self) -> str:
         """The default Optuna storage (an SQLite file) of the study's Optuna studies."""
-        return join(self.dir, "optuna.db")
+        return join(self.dir, OPTUNA_FILE)
 
     # Ray Tune's experiment: RunConfig(name=TUNE_NAME, storage_path=study.dir).
     TUNE_NAME = "tune"

@@ -59,7 +59,7 @@ from urllib.parse import quote
 
 from sedd_ray.config import ConfigError
 from sedd_ray.io import local_path, normalize
-from sedd_ray.layout import StudyLayout
+from sedd_ray.layout import OPTUNA_FILE, StudyLayout
 
 __all__ = ["TUNE_ID_ATTR", "OptunaMirror", "OptunaStorageError", "activate", "check_url",
            "mirror_result", "mirror_row", "open_storage", "optuna_study", "optuna_study_names",
@@ -88,7 +88,7 @@ def storage_url(storage: str, study: str, url: str | None = None) -> str | None:
     path = local_path(layout.optuna_file)
     if path is None:  # s3:// etc.: SQLite needs a local file system
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        path = cache / "sedd_ray" / "optuna" / quote(layout.dir, safe="") / "optuna.db"
+        path = cache / "sedd_ray" / "optuna" / quote(layout.dir, safe="") / OPTUNA_FILE
     return f"sqlite:///{path}"
 
 

@@ -44,6 +44,7 @@ TRAIN_FLAGS = {"workers": "--num-workers", "CPU": "--cpus-per-worker", "GPU": "-
                "resources": "--worker-resources"}
 STUDY_FLAGS = {"workers": "--workers-per-trial", "CPU": "--cpus-per-worker",
                "GPU": "--gpus-per-trial", "trials": "--max-concurrent"}
+TASK_FLAGS = {"workers": "--workers", "CPU": "--cpus-per-task", "GPU": "--gpus-per-task"}
 # Node types whose max_workers is unlimited (-1) count as this many nodes.
 _UNLIMITED = 10_000
 _EPS = 1e-9
@@ -63,6 +64,7 @@ class Ask:
     driver: Mapping[str, float] = field(default_factory=dict)  # per trial (a study)
     strategy: str = "PACK"
     flags: Mapping[str, str] = field(default_factory=lambda: dict(TRAIN_FLAGS))
+    unit: str = "worker"  # what one bundle is called in the error line ("task", "trial")
 
     def bundles(self) -> list[dict[str, float]]:
         worker = {k: float(v) for k, v in self.per_worker.items() if v}
@@ -73,7 +75,7 @@ class Ask:
         """``4 workers x 1 CPU``; ``2 trials x 1 worker x (1 CPU, 1 GPU)``."""
         parts = [f"{_num(v)} {k}" for k, v in self.per_worker.items() if v]
         each = (parts[0] if len(parts) == 1 else f"({', '.join(parts)})") if parts else "nothing"
-        text = f"{self.workers} worker{'s' * (self.workers != 1)} x {each}"
+        text = f"{self.workers} {self.unit}{'s' * (self.workers != 1)} x {each}"
         return f"{self.trials} trials x {text}" if self.trials > 1 else text
 
 
@@ -106,6 +108,16 @@ def check(ask: Ask, *, timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
         _wait_for_autoscaler(first, timeout_s)
 
 
+def check_task(cpus: float, gpus: float, *, cpu_flag: str = "--cpus-per-task",
+               gpu_flag: str = "--gpus-per-task", unit: str = "task",
+               timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S) -> None:
+    """:func:`check` for one Ray task or Tune trial of ``cpus`` CPUs and ``gpus`` GPUs
+    (``evaluate --all-trials``, the sampler sweep): a task no node can ever hold is one
+    :class:`ResourceError` line naming the flag, not a task pending forever."""
+    flags = {**TASK_FLAGS, "CPU": cpu_flag, "GPU": gpu_flag}
+    check(Ask(1, {"CPU": cpus, "GPU": gpus}, flags=flags, unit=unit), timeout_s=timeout_s)
+
+
 def explain(ask: Ask, nodes: list[dict[str, float]], where: str) -> str | None:
     """Why ``ask`` does not fit on ``nodes`` (one line with the fix), or None if it fits."""
     if _unplaced(ask, nodes) == 0:
@@ -119,7 +131,7 @@ def explain(ask: Ask, nodes: list[dict[str, float]], where: str) -> str | None:
     biggest = {res: max((n.get(res, 0.0) for n in nodes), default=0.0) for res in ask.per_worker}
     for res, per in ask.per_worker.items():
         if per > biggest[res] + _EPS:
-            return (f"{ask.describe()}: one worker needs "
+            return (f"{ask.describe()}: one {ask.unit} needs "
                     f"{_amount(per, res)} on one node; the largest node of this cluster has "
                     f"{_num(biggest[res])} ({where}). {_fix(ask, nodes, res, biggest[res])}")
     return (f"{ask.describe()} do not fit on the nodes of this cluster ({where}: "

@@ -186,6 +186,32 @@ def test_the_same_through_an_experiment_script(local_cluster, nothing_starts, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.ray
+def test_evaluation_tasks_and_sweep_trials_no_node_can_hold_are_refused(local_cluster, tmp_path,
+                                                                       capfd):
+    """``evaluate --ray --gpus-per-task 1`` and ``sweep_sampler.py --gpus-per-trial 1`` on a
+    machine without a GPU: one line each, no task or trial started, no row written."""
+    from sedd_ray import evaluate
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from experiments import sweep_sampler
+    finally:
+        sys.path.pop(0)
+    ckpt = evaluate.smoke_checkpoint(str(tmp_path))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    line = _refused(capfd, evaluate.main, ["--checkpoint", ckpt, "--corpus",
+                                           "markov:vocab=8,order=1,sharpness=2", "--ray",
+                                           "--gpus-per-task", "1", "--blocks", "4"])
+    assert line == ("error: 1 task x (1 CPU, 1 GPU) needs 1 GPU; this cluster has 0 (local). "
+                    "Use --gpus-per-task 0, or --address to join a cluster with GPUs")
+    line = _refused(capfd, sweep_sampler.main, ["--checkpoint", ckpt, "--steps", "2",
+                                                "--samples", "2", "--cpus-per-trial", "3"])
+    assert line == ("error: 1 trial x 3 CPU needs 3 CPUs; this cluster has 2 (local). "
+                    "Use --cpus-per-trial 2, or --address to join a bigger cluster")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 # --- a simulated autoscaling cluster -----------------------------------------------------------
 
 DRIVER = textwrap.dedent('''
