@@ -24,7 +24,11 @@ directory (``--out`` elsewhere):
 * for a model-size axis, the bound against parameters and training compute on log-log
   axes with a power-law fit; for synthetic sources (``true_nll``), the bound against the
   true entropy per level;
-* a few samples of the best trial, read from the trainer's ``samples.jsonl``.
+* a few samples of the best trial, read from the trainer's ``samples.jsonl``;
+* with an autoregressive reference (the study ``<study>-ar`` beside it, which
+  ``ablate_graph.py --ar-reference`` runs, or ``--ar-reference STUDY``): its exact NLL with
+  a CI, drawn as a reference line on the bar chart, and each level's diffusion-to-AR gap
+  paired by seed and block, among the verdict lines and in a plot of its own.
 
 Trials of different ``data_identity`` (corpus, split, tokenizer) are refused: one
 ``error:`` line, exit code 2, nothing written. Older Parquet without ``val_nll_final``,
@@ -66,7 +70,7 @@ from sedd_ray.compare import (  # noqa: E402
     t_quantile,
 )
 from sedd_ray.io import local_path  # noqa: E402
-from sedd_ray.layout import StudyLayout, TrainerFiles  # noqa: E402
+from sedd_ray.layout import StudyLayout, TrainerFiles, ar_reference_study  # noqa: E402
 from sedd_ray.optuna_store import optuna_study, write_optuna_plots  # noqa: E402,F401 (Optuna's tools)
 from sedd_ray.results import (  # noqa: E402
     FINISHED_STATUSES,
@@ -349,8 +353,10 @@ def _colors(levels: Sequence[str]) -> dict[str, Any]:
     return {lv: cmap(i % 10) for i, lv in enumerate(levels)}
 
 
-def plot_bars(study: Study, axis: str, rows: Sequence[LevelRow], path: Path) -> Path:
-    """Mean best bound per level with standard-error bars, every trial as a dot."""
+def plot_bars(study: Study, axis: str, rows: Sequence[LevelRow], path: Path,
+              ar: ARReference | None = None) -> Path:
+    """Mean best bound per level with standard-error bars, every trial as a dot; with
+    ``ar``, the AR reference's perplexity as a line with its 95% CI as a band."""
     plt = _plt()
     levels = [r.level for r in rows]
     colors = _colors(levels)
@@ -369,6 +375,13 @@ def plot_bars(study: Study, axis: str, rows: Sequence[LevelRow], path: Path) -> 
         ax.annotate(f"n={r.n}", (i, top), textcoords="offset points", xytext=(0, 4),
                     ha="center", fontsize=8)
     finite = [v for v in study.finished[BOUND].astype(float) if math.isfinite(v)]
+    if ar is not None and math.isfinite(ar.mean):
+        ax.axhline(math.exp(ar.mean), color="black", ls="--", lw=1.2,
+                   label=f"AR reference (n={ar.n})")
+        if math.isfinite(ar.low):
+            ax.axhspan(math.exp(ar.low), math.exp(ar.high), color="black", alpha=0.12, lw=0)
+        finite += [math.exp(ar.low if math.isfinite(ar.low) else ar.mean)]
+        ax.legend(fontsize=7, loc="upper left")
     if finite:  # zoom on the values: a bar from zero hides the differences
         lo, hi = min(finite), max(m + e for m, e in zip(means, errs))
         pad = 0.15 * max(hi - lo, 0.02 * hi)
@@ -905,22 +918,123 @@ def _rel(path: Path, base: Path) -> str:
         return str(path)
 
 
+# --- the autoregressive reference ----------------------------------------------------------
+
+AR_LEVEL = "AR"  # the reference's level in the diffusion-to-AR comparison
+MODEL_TYPE = "model_type"  # that comparison's axis: the ablated level, or AR_LEVEL
+
+
+@dataclass
+class ARReference:
+    """An ablation's autoregressive reference: its study, its exact NLL (mean and CI over
+    its replicate seeds), and each level's gap to it (``comparison``, reference AR)."""
+
+    study: Study
+    lines: list[str]
+    comparison: Comparison | None = None
+    mean: float = math.nan  # nats/token
+    low: float = math.nan
+    high: float = math.nan
+    n: int = 0
+
+
+def load_ar_reference(s: Study, name: str | None = None) -> Study | None:
+    """The study holding ``s``'s AR reference (default ``<study>-ar`` beside it), or None
+    when there is none (a given ``name`` that does not exist raises ResultsError)."""
+    if name is None and (name := ar_reference_study(s.name)) not in _studies_in(s.storage):
+        return None
+    return load_study(s.storage, name)
+
+
+def _studies_in(storage: str) -> set[str]:
+    try:
+        return set(results.list_studies(storage))
+    except (ResultsError, FileNotFoundError, OSError):
+        return set()
+
+
+def _tagged(frame: pd.DataFrame | None, tag: str) -> pd.DataFrame | None:
+    """Trial ids prefixed with ``tag`` (two studies' Tune ids must not collide)."""
+    if frame is None:
+        return None
+    return frame.assign(trial_id=tag + frame["trial_id"].astype(str))
+
+
+def ar_reference(s: Study, ref: Study, axis: str) -> ARReference:
+    """The AR reference's value and each level of ``axis`` against it, on the rows
+    :func:`sedd_ray.compare.comparison_rows` picks (replicates where there are some),
+    paired by seed and block where the seeds and blocks are shared."""
+    try:  # nats/token of different data do not compare: no value, no line, one reason
+        check_data_identity(pd.concat([s.finished, ref.finished]))
+    except CompareError as e:
+        return ARReference(ref, [f"AR reference `{ref.name}` not shown: {e}"])
+    rows, _ = comparison_rows(ref.trials, s.metric)
+    y = rows[s.metric].astype(float).to_numpy() if s.metric in rows else np.array([])
+    if not len(y):
+        return ARReference(ref, [f"AR reference `{ref.name}`: no finished trial yet"])
+    half = (t_quantile(0.975, len(y) - 1) * float(np.std(y, ddof=1)) / math.sqrt(len(y))
+            if len(y) > 1 else math.nan)
+    mean = float(np.mean(y))
+    ci = (f"95% CI {mean - half:.3f} to {mean + half:.3f}; " if math.isfinite(half) else "")
+    head = (f"AR reference (`{ref.name}`: the same backbone, causal, exact NLL): {mean:.3f} "
+            f"nats/token ({ci}{len(y)} seed{'s' * (len(y) != 1)})")
+    out = ARReference(ref, [head], None, mean, mean - half, mean + half, len(y))
+    combined = pd.concat([s.trials.assign(**{MODEL_TYPE: levels_of(s, axis)}),
+                          _tagged(ref.trials, "ar/").assign(**{MODEL_TYPE: AR_LEVEL})],
+                         ignore_index=True).drop(columns=["level", "ablated_axis"], errors="ignore")
+    blocks = [b for b in (s.blocks, _tagged(ref.blocks, "ar/")) if b is not None]
+    try:
+        c = compare(combined, MODEL_TYPE, blocks=pd.concat(blocks) if blocks else None,
+                    metric=s.metric, reference=AR_LEVEL, order=[AR_LEVEL, *level_order(s, axis)])
+    except CompareError as e:
+        out.lines.append(f"no diffusion-to-AR gap: {e}")
+        return out
+    note = f" [Bonferroni, {len(c.effects)} comparisons]" if c.adjustment else ""
+    out.lines += [f"diffusion-to-AR gap (an upper bound, as the diffusion number is): "
+                  f"{e.difference()}{note}" for e in c.effects]
+    out.comparison = c
+    return out
+
+
+def ar_section(s: Study, ar: ARReference, out: Path) -> list[str]:
+    """The reference's table of gaps, how they were computed, and the gap plot."""
+    md = ["## Autoregressive reference", "", *[f"- {line}" for line in ar.lines], ""]
+    c = ar.comparison
+    if c is None:
+        return md
+    p = plot_effects(c, out / "ar_gap.png", f"{s.name}: each level against the AR reference "
+                     f"`{ar.study.name}`")
+    return md + [effect_markdown(c), "",
+                 f"Gap = `{c.metric}` of the level minus the AR reference's exact NLL on the same "
+                 "validation blocks (nats/token; positive: the AR model is better). The diffusion "
+                 "number is an upper bound on its NLL, so the gap is an upper bound on the true "
+                 f"one. Over {'replicate' if c.rows == 'replicate' else 'finished'} trials of "
+                 f"both studies; the AR reference's tuning budget is one level's. The bar chart "
+                 "draws the reference as a line with its 95% CI.", "",
+                 f"![diffusion-to-AR gap]({_rel(p, out)})", ""]
+
+
 def write_report(storage: str | os.PathLike, study: str | None = None,
-                 out_dir: str | os.PathLike | None = None) -> Path:
+                 out_dir: str | os.PathLike | None = None,
+                 ar_reference_name: str | None = None) -> Path:
     """Analyse a study and write ``report.md`` (and PNGs) into ``out_dir`` (default: the
     study directory, or ``reports/<study>`` for remote storage). Returns the report path.
     The report's first lines are its verdicts (:func:`read_verdicts` reads them back).
     Raises CompareError, writing nothing, for trials of different data identities."""
     s = load_study(storage, study)
     verdicts = study_verdicts(s)  # refuses before anything is written
+    ref = load_ar_reference(s, ar_reference_name)
+    ar = ar_reference(s, ref, s.axes[0]) if ref is not None and s.axes else None
     out = Path(out_dir) if out_dir else (s.local_dir or Path("reports") / s.name)
     out.mkdir(parents=True, exist_ok=True)
     md: list[str] = []
     for v in verdicts:
         md += [line for text in v.lines for line in (text, "")]
+    md += [line for text in (ar.lines if ar else []) for line in (text, "")]
     md += header_section(s)
     md += effects_section(s, verdicts, out)
-    md += axes_sections(s, out)
+    md += ar_section(s, ar, out) if ar else []
+    md += axes_sections(s, out, ar)
     curve_axis = s.axes[0] if s.axes else None
     curves = plot_curves(s, curve_axis, out / "learning_curves.png")
     md += ["## Learning curves", ""]
@@ -994,7 +1108,7 @@ def effects_section(s: Study, verdicts: Sequence[AxisVerdict], out: Path) -> lis
     return md
 
 
-def axes_sections(s: Study, out: Path) -> list[str]:
+def axes_sections(s: Study, out: Path, ar: ARReference | None = None) -> list[str]:
     """Per axis: the level table, the bar chart, and the axis-specific plots."""
     md: list[str] = ["No trials recorded yet.", ""] if s.trials.empty else []
     for axis in s.axes:
@@ -1002,7 +1116,8 @@ def axes_sections(s: Study, out: Path) -> list[str]:
         md += [f"## `{axis}`", "", level_markdown(rows, axis), ""]
         if s.finished.empty:
             continue
-        bars = plot_bars(s, axis, rows, out / f"{axis}_bars.png")
+        bars = plot_bars(s, axis, rows, out / f"{axis}_bars.png",
+                         ar if ar is not None and axis == s.axes[0] else None)
         md += [f"![{axis}: bound per level]({_rel(bars, out)})", ""]
         if s.finished.get("true_nll") is not None and s.finished["true_nll"].notna().any():
             p = plot_bound_vs_entropy(s, axis, rows, out / f"{axis}_bound_vs_entropy.png")
@@ -1068,6 +1183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default=None, help="results folder or URI (with --study)")
     p.add_argument("--study", default=None, help="study name (optional if only one)")
     p.add_argument("--out", default=None, help="report folder (default: the study directory)")
+    p.add_argument("--ar-reference", default=None, metavar="STUDY",
+                   help="the study holding the AR reference (default: <study>-ar if present)")
     args = p.parse_args(argv)
     if args.study_dir and (args.storage or args.study):
         p.error("give a study directory or --storage/--study, not both")
@@ -1076,7 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         storage, study = args.storage or "results", args.study
     try:
-        path = write_report(storage, study, args.out)
+        path = write_report(storage, study, args.out, args.ar_reference)
     except (ResultsError, CompareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

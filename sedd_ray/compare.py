@@ -329,6 +329,8 @@ def _level_series(rows: pd.DataFrame, axis: str) -> pd.Series:
     if axis not in rows and not mine.any():
         raise CompareError(f"no column {axis!r} in the trials; columns: {', '.join(rows.columns)}")
     base = rows[axis] if axis in rows else rows["level"]
+    if not mine.any():  # a table without ``level``: the axis column alone
+        return base.astype(str)
     return base.astype(str).where(~mine, rows["level"].astype(str))
 
 

@@ -12,6 +12,8 @@ importance-sampled noise levels each, seeded by ``(--seed, block)``, with the pe
 standard error (``mean_stderr``). Rows: ``nll_bound`` (nats/token), ``ppl_bound``
 (``exp`` of it; stderr by the delta method) and, on a synthetic source, ``bound_gap``
 (``nll_bound`` minus the exact entropy per token, which is also each row's ``reference``).
+An autoregressive reference (``model.kind=ar``) gets its exact ``nll``, ``ppl`` and
+``nll_gap`` on the same blocks instead (no draws), and its samples are ancestral.
 The model runs in bf16 autocast on GPU (``--precision``), float32 on CPU.
 
 **Zero-shot** means: the model's own tokenizer (saved in its checkpoint), the model's
@@ -26,6 +28,9 @@ ptb             Hub ``ptb-text-only/ptb_text_only``, test,    ``ptb`` (SEDD's
                 one document per sentence                     ``ptb_detokenizer``)
 lambada         Hub ``EleutherAI/lambada_openai``, test,      ``lambada`` (curly quotes ->
                 one document per passage                      ``"``, stripped)
+lm1b            Hub ``billion-word-benchmark/lm1b`` (its      ``lm1b`` (spacing before
+                Parquet conversion), test, one document       punctuation, in quotes and
+                per sentence                                  brackets undone)
 text:PATH       every ``.txt`` file, whole (pass held-out     none
                 text: nothing is split off)
 shakespeare     the whole corpus (includes training text)     none
@@ -132,6 +137,20 @@ def lambada_detokenizer(s: str) -> str:
         "\N{RIGHT DOUBLE QUOTATION MARK}", '"').strip()
 
 
+@DETOKENIZERS.register("lm1b")
+def lm1b_detokenizer(s: str) -> str:
+    """One Billion Word's tokenised spacing undone: no space before punctuation or an
+    apostrophe suffix, none inside quotes and brackets, URLs and currency signs rejoined."""
+    s = s.replace("http : / / ", "http://").replace("https : / / ", "https://")
+    s = re.sub(r" '(\w+)", r"'\1", s)  # "don 't" -> "don't"
+    s = re.sub(r" ([.?!,:;])(?= |$)", r"\1", s)
+    s = s.replace(" / ", "/").replace("$ ", "$").replace("\N{POUND SIGN} ", "\N{POUND SIGN}")
+    for open_, close in (('"', '"'), ("'", "'"), ("(", ")"), ("[", "]")):
+        o, c = re.escape(open_), re.escape(close)
+        s = re.sub(rf"{o} ([^{o}{c}]+) {c}", rf"{open_}\1{close}", s)
+    return s
+
+
 # --- corpora -------------------------------------------------------------------------------
 
 @dataclass
@@ -160,14 +179,15 @@ def _hub_offline() -> bool:
 
 
 def _hub_corpus(spec: str, repo: str, config: str | None, column: str, detok: str,
-                group: Callable[[list[str]], list[str]], unit: str) -> EvalCorpus:
+                group: Callable[[list[str]], list[str]], unit: str,
+                revision: str | None = None) -> EvalCorpus:
     def read(progress: bool) -> list[str]:
         import datasets
 
         from sedd_ray.data import DataError
 
         try:
-            rows = datasets.load_dataset(repo, config, split="test")[column]
+            rows = datasets.load_dataset(repo, config, split="test", revision=revision)[column]
         except (ConnectionError, OSError, ValueError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
             raise DataError(f"corpus {spec} could not be loaded from the Hugging Face Hub "
@@ -195,6 +215,11 @@ BENCHMARKS.register("ptb")(lambda: _hub_corpus("ptb", "ptb-text-only/ptb_text_on
                                                list, "sentence"))
 BENCHMARKS.register("lambada")(lambda: _hub_corpus(
     "lambada", "EleutherAI/lambada_openai", "default", "text", "lambada", list, "passage"))
+# One Billion Word: the Hub repo holds a loading script (which `datasets` no longer runs);
+# its Parquet conversion is read instead.
+BENCHMARKS.register("lm1b")(lambda: _hub_corpus(
+    "lm1b", "billion-word-benchmark/lm1b", "plain_text", "text", "lm1b", list, "sentence",
+    revision="refs/convert/parquet"))
 
 
 def resolve_corpus(spec: str) -> EvalCorpus:
@@ -390,29 +415,33 @@ def _autocast(loaded: Any, precision: str) -> Any:
 
 def bound_rows(ref: ModelRef, loaded: Any, corpus: EvalCorpus, settings: EvalSettings,
                progress: bool = False) -> list[dict[str, Any]]:
-    """``nll_bound``, ``ppl_bound`` (and ``bound_gap`` on a synthetic source) rows."""
-    from sedd_ray.diffusion.bound import mean_stderr, score_model_log_score_fn, split_bound
+    """``nll_bound``, ``ppl_bound`` (and ``bound_gap`` on a synthetic source) rows; for the
+    autoregressive reference (``model.kind=ar``) its exact ``nll``, ``ppl`` (``nll_gap``)
+    on the same blocks, through the model kind's objective (:mod:`sedd_ray.objective`)."""
+    from sedd_ray.diffusion.bound import mean_stderr
+    from sedd_ray.objective import build_objective
 
     t0 = time.perf_counter()
     seq_len = loaded.cfg.data.seq_len
     blocks = corpus_blocks(corpus, loaded.tokenizer, seq_len, settings, progress)
     device = next(loaded.model.parameters()).device
+    objective = build_objective(loaded.cfg, loaded.graph, loaded.noise)
     with _autocast(loaded, settings.precision):
-        _, values = split_bound(score_model_log_score_fn(loaded.model), loaded.graph,
-                                loaded.noise, blocks, count=settings.blocks,
-                                draws=settings.draws, seed=settings.seed,
-                                batch_size=settings.batch_size, device=device)
+        _, values = objective.split_nll(loaded.model, blocks, count=settings.blocks,
+                                        draws=settings.draws, seed=settings.seed,
+                                        batch_size=settings.batch_size, device=device)
+    exact = loaded.cfg.model.kind != "diffusion"
+    nll, ppl, gap = ("nll", "ppl", "nll_gap") if exact else ("nll_bound", "ppl_bound", "bound_gap")
     mean, se = mean_stderr(values)
     wall = time.perf_counter() - t0
     truth = corpus.synthetic.true_nll(seq_len) if corpus.synthetic is not None else None
     s = settings.bound_settings(corpus)
     common = dict(n=len(values), settings=s, reference=truth, wall_time_s=wall)
-    rows = [_row(ref, loaded.step, corpus.spec, "nll_bound", mean, se, unit="nats/token",
-                 **common),
-            _row(ref, loaded.step, corpus.spec, "ppl_bound", math.exp(mean),
+    rows = [_row(ref, loaded.step, corpus.spec, nll, mean, se, unit="nats/token", **common),
+            _row(ref, loaded.step, corpus.spec, ppl, math.exp(mean),
                  math.exp(mean) * se, unit="perplexity", **{**common, "reference": None})]
     if truth is not None:
-        rows.append(_row(ref, loaded.step, corpus.spec, "bound_gap", mean - truth, se,
+        rows.append(_row(ref, loaded.step, corpus.spec, gap, mean - truth, se,
                          unit="nats/token", **common))
     return rows
 
@@ -587,12 +616,12 @@ def truth_sources(ref: ModelRef, corpora: list[EvalCorpus]) -> list[EvalCorpus]:
 
 def finished(path: str) -> set[tuple[str, str, str]]:
     """(checkpoint, corpus, settings_key) of the evaluations already in ``path``: a bound
-    counts once its ``nll_bound`` row is there, samples once ``sample_entropy`` (or a
-    source's ``truth_nll``) is."""
+    counts once its ``nll_bound`` row (an AR model's exact ``nll``) is there, samples once
+    ``sample_entropy`` (or a source's ``truth_nll``) is."""
     from sedd_ray.results import read_evals
 
     df = read_evals(path)
-    df = df[df["metric"].isin(["nll_bound", "sample_entropy", "truth_nll"])]
+    df = df[df["metric"].isin(["nll_bound", "nll", "sample_entropy", "truth_nll"])]
     return set(zip(df["checkpoint"], df["corpus"], df["settings_key"]))
 
 
@@ -762,7 +791,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--all-trials", action="store_true", help="every finished trial of --study")
     b = p.add_argument_group("likelihood bound")
     b.add_argument("--corpus", default=None, help="comma-separated: wikitext2, wikitext103, "
-                   "ptb, lambada, shakespeare, text:PATH, markov:k=v,..., copy:k=v,...")
+                   "ptb, lambada, lm1b, shakespeare, text:PATH, markov:k=v,..., copy:k=v,...")
     b.add_argument("--blocks", type=int, default=256, help="blocks per corpus (default 256)")
     b.add_argument("--draws", type=int, default=16, help="noise draws per block (default 16)")
     b.add_argument("--seed", type=int, default=0, help="the bound's draws (common to models)")

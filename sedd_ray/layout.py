@@ -9,6 +9,7 @@ A study (``StudyLayout(storage, study)``)::
     <storage>/<study>/replicate/                              Ray Tune's experiment: replication
     <storage>/<study>/optuna.db                               its Optuna studies (optuna_store.py)
     <storage>/<study>/train/<trial>/                          the trial's Ray Train run
+    <storage>/<study>-ar/                                     its AR reference (a study)
 
 A Ray Train run (``RunLayout(storage, name)``; a study's trial is ``study.trial(id)``)::
 
@@ -32,11 +33,21 @@ from pathlib import Path
 
 from sedd_ray.io import join, local_path
 
-__all__ = ["RunLayout", "StudyLayout", "TrainerFiles", "evals_beside"]
+__all__ = ["RunLayout", "StudyLayout", "TrainerFiles", "ar_reference_study", "evals_beside"]
 
 
 EVALS_FILE = "evals.parquet"
 OPTUNA_FILE = "optuna.db"
+
+
+# A study's autoregressive reference (``ablate_graph.py --ar-reference``) is a study of its
+# own beside it: ``<storage>/<study>-ar`` (the report of ``<study>`` finds it there).
+AR_REFERENCE_SUFFIX = "-ar"
+
+
+def ar_reference_study(study: str) -> str:
+    """``graph-ablation`` -> ``graph-ablation-ar``: the study holding its AR reference."""
+    return f"{study}{AR_REFERENCE_SUFFIX}"
 
 
 def evals_beside(checkpoint_dir: str | os.PathLike) -> str:

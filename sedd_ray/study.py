@@ -660,6 +660,22 @@ def model_size_sweep(sizes: Sequence[str] = ("tiny", "mini", "base"), **kw: Any)
                      space={"lr": _LR}, **kw)
 
 
+@STUDIES.register("ar-reference")
+def ar_reference(of: str = "graph-ablation", trials_per_level: int = 2, **kw: Any) -> StudySpec:
+    """The autoregressive reference of the ablation ``of``: the same backbone with causal
+    attention and next-token loss (``model.kind=ar``), on the same data, budget and seeds.
+    Its lr and warm-up are tuned with as many trials as one level of ``of`` gets, then the
+    best is replicated with the same fresh seeds as ``of``'s levels, so the report of
+    ``of`` can pair each level with it by seed and block (the diffusion-to-AR gap)."""
+    from sedd_ray.layout import ar_reference_study
+
+    kw.setdefault("name", ar_reference_study(of))
+    kw.setdefault("replicates", DEFAULT_REPLICATES)
+    kw["fixed"] = {**kw.get("fixed", {}), "kind": "ar"}
+    kw["num_trials"] = trials_per_level
+    return StudySpec(space={"lr": _LR, "warmup_steps": _WARMUP}, **kw)
+
+
 @STUDIES.register("search")
 def joint_search(**kw: Any) -> StudySpec:
     """Optuna over every axis together (``replicates=k``: then its top config with k seeds)."""

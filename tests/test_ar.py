@@ -108,6 +108,29 @@ def test_ar_nll_on_a_markov_source_approaches_the_entropy_from_above(tmp_path, m
     assert res.val_nll_final >= true_nll - 3 * res.val_nll_final_stderr
     assert evals[0] - true_nll > gap  # closer at the end than at the first evaluation
     assert res.samples and all(set(s) <= set("abcdefgh") for s in res.samples)
+    _evaluate_reports_the_exact_nll_and_ancestral_samples(tmp_path, res, true_nll)
+
+
+def _evaluate_reports_the_exact_nll_and_ancestral_samples(tmp_path, res, true_nll) -> None:
+    """``python -m sedd_ray.evaluate`` on the AR checkpoint: its exact ``nll`` (not a
+    bound) on fresh blocks of the source, and samples from its own (ancestral) sampler,
+    whose truth NLL is near the entropy; a rerun adds nothing."""
+    from sedd_ray import evaluate
+    from sedd_ray.results import read_evals
+
+    out = tmp_path / "evals.parquet"
+    argv = ["--checkpoint", str(res.checkpoint_dir), "--corpus", SOURCE, "--blocks", "128",
+            "--samples", "32", "--steps", "2", "--evals", str(out), "--device", "cpu"]
+    assert evaluate.main(argv) == 0
+    df = read_evals(out).set_index("metric")
+    assert {"nll", "ppl", "nll_gap", "truth_nll"} <= set(df.index)
+    assert not {"nll_bound", "ppl_bound", "bound_gap"} & set(df.index)
+    nll, se = float(df.loc["nll", "value"]), float(df.loc["nll", "stderr"])
+    assert true_nll - 3 * se <= nll < true_nll + 0.15
+    truth, tse = float(df.loc["truth_nll", "value"]), float(df.loc["truth_nll", "stderr"])
+    assert abs(truth - true_nll) < 3 * tse + 0.15  # ancestral samples: the source's statistics
+    n = len(read_evals(out))
+    assert evaluate.main(argv) == 0 and len(read_evals(out)) == n
 
 
 class Stop(Exception):

@@ -413,3 +413,49 @@ def test_search_study_states_its_best_config(tmp_path):
     half = t_quantile(0.975, 2) * 0.05 / math.sqrt(3)
     assert line == (f"best config (replicates of `t002`): val_nll_final 3.900 nats/token "
                     f"(95% CI {3.9 - half:.3f} to {3.9 + half:.3f}; 3 seeds)")
+
+
+def _write_ar_reference(storage: Path, name: str, ys: dict[int, float], identity="d1a7") -> None:
+    """An AR reference study as ``ablate_graph.py --ar-reference`` writes it: search mode
+    (no ablated axis), ``kind=ar``, one tuning trial, replicates on ``ys``'s seeds."""
+    rng = np.random.default_rng(1)
+    with ResultsWriter(storage, name) as w:
+        _write_trial(w, "a000", "kind", "ar", {"lr": 1e-3, "seed": 0}, min(ys.values()), "tune",
+                     None, identity, rng, ablated=False)
+        for k, (seed, y) in enumerate(ys.items()):
+            _write_trial(w, f"a{k + 1:03d}", "kind", "ar", {"lr": 1e-3, "seed": seed}, y,
+                         "replicate", "a000", identity, rng, ablated=False)
+
+
+def test_report_shows_the_ar_reference_and_each_levels_gap_to_it(tmp_path, capsys):
+    rng = np.random.default_rng(25)
+    t = trial_table({"uniform": 0.0, "absorb": -0.4}, seed_sd=0.02, rng=rng)
+    t["trial_id"] = [f"r{i}" for i in range(len(t))]
+    write_study(tmp_path, "abl", t)
+    plain = analyze.write_report(tmp_path, "abl").read_text()
+    assert "AR reference" not in plain and not (tmp_path / "abl" / "ar_gap.png").exists()
+    # the AR model is 0.7 below uniform on every seed (shared seed effects cancel in pairs)
+    uni = t[t["level"] == "uniform"].set_index("seed")["val_nll_final"]
+    _write_ar_reference(tmp_path, "abl-ar", {s: float(uni[s]) - 0.7 for s in uni.index})
+    assert analyze.main([str(tmp_path / "abl")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    report = (tmp_path / "abl" / "report.md").read_text()
+    verdicts = analyze.read_verdicts(tmp_path / "abl" / "report.md")
+    assert verdicts[0].startswith("absorb beats uniform by 0.")
+    assert verdicts[1].startswith("AR reference (`abl-ar`: the same backbone, causal, exact NLL):")
+    assert verdicts[1].endswith("; 3 seeds)") and out[:3] == verdicts[:3]
+    gaps = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"diffusion-to-AR gap \(an upper bound, as the diffusion number is\): (\w+) - AR = "
+        r"([-+0-9.]+) nats/token \(97.5% CI [^;]+; 3 seeds each, paired by seed\)", report)}
+    assert gaps["uniform"] == pytest.approx(0.7, abs=0.01)
+    assert gaps["absorb"] == pytest.approx(0.3, abs=0.1)
+    assert "## Autoregressive reference" in report and "![diffusion-to-AR gap](ar_gap.png)" in report
+    for png in ("ar_gap.png", "graph_bars.png"):
+        assert (tmp_path / "abl" / png).stat().st_size > 1000
+    # the AR study of another data identity is not compared: said, not hidden
+    _write_ar_reference(tmp_path, "other-ar", {0: 3.0, 1: 3.1}, identity="beef")
+    report = analyze.write_report(tmp_path, "abl", ar_reference_name="other-ar").read_text()
+    assert "AR reference `other-ar` not shown: refusing to compare: trials were measured on " \
+        "different data" in report and "diffusion-to-AR gap" not in report
+    assert analyze.main([str(tmp_path / "abl"), "--ar-reference", "missing"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -129,6 +129,10 @@ def test_detokenisers_undo_the_benchmarks_spacing():
     assert evaluate.DETOKENIZERS.get("wikitext")("a @-@ b , c ( d )") == "a-b, c (d)"
     assert evaluate.DETOKENIZERS.get("ptb")("it 's N dogs do n't") == "it's 1 dogs don't"
     assert evaluate.DETOKENIZERS.get("lambada")(" \u201chi\u201d ") == '"hi"'
+    lm1b = evaluate.DETOKENIZERS.get("lm1b")
+    assert lm1b('He said " hi there " , I don \'t ( really ) know .') == \
+        'He said "hi there", I don\'t (really) know.'
+    assert lm1b("See http : / / x.org for $ 5 !") == "See http://x.org for $5!"
 
 
 # --- bad input: one error line, exit 2, no traceback, nothing written -------------------------
@@ -149,6 +153,8 @@ def _not_a_causal_lm(tmp_path: Path) -> str:
 BAD = {
     "unknown corpus": (["--corpus", "wikitext9"], r"unknown corpus 'wikitext9'.*benchmark"),
     "hub offline": (["--corpus", "ptb"], r"corpus ptb needs .*Hub.*offline.*text:PATH"),
+    "1bw offline": (["--corpus", "lm1b"], r"corpus lm1b needs billion-word-benchmark/lm1b .*"
+                                          r"Hub.*offline"),
     "eval-lm missing": (["--samples", "2", "--eval-lm", "/nonexistent/lm"], r"no such directory"),
     "eval-lm not causal": (["--samples", "2", "--eval-lm", "VIT"], r"not a loadable causal LM"),
     "tokenizer mismatch": (["--corpus", "markov:vocab=8"], r"tokenizer mismatch.*8-symbol"),
