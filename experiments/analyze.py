@@ -377,7 +377,8 @@ def plot_bars(study: Study, axis: str, rows: Sequence[LevelRow], path: Path,
     finite = [v for v in study.finished[BOUND].astype(float) if math.isfinite(v)]
     if ar is not None and math.isfinite(ar.mean):
         ax.axhline(math.exp(ar.mean), color="black", ls="--", lw=1.2,
-                   label=f"AR reference (n={ar.n})")
+                   label=f"AR reference {math.exp(ar.mean):.4g} (exact; n={ar.n}, "
+                         "band: 95% CI)")
         if math.isfinite(ar.low):
             ax.axhspan(math.exp(ar.low), math.exp(ar.high), color="black", alpha=0.12, lw=0)
         finite += [math.exp(ar.low if math.isfinite(ar.low) else ar.mean)]

@@ -193,13 +193,14 @@ def test_sample_without_a_study_or_finished_trial(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
-    """``python experiments/ablate_graph.py --smoke-test`` in a subprocess (its own Ray)."""
+    """``python experiments/ablate_graph.py --smoke-test --ar-reference`` in a subprocess
+    (its own Ray): the graph study and its AR reference study beside it."""
     storage = tmp_path_factory.mktemp("results")
     # Its own local cluster: never attach to one another test or session started.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "ablate_graph.py"), "--smoke-test",
-         "--storage", str(storage)],
+         "--ar-reference", "--storage", str(storage)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -243,9 +244,35 @@ def test_report_has_one_row_per_level_and_its_plots(smoke_study):
 
 
 @pytest.mark.ray
+def test_the_ar_reference_runs_beside_the_ablation_and_joins_its_report(smoke_study):
+    """``--ar-reference``: the study ``graph-ablation-ar`` (model.kind=ar, the same tuning
+    budget as one graph, replicated with the graphs' seeds, on the same data) and the
+    graph report's reference lines and plots."""
+    storage, stdout, _ = smoke_study
+    ar = read_trials(storage, "graph-ablation-ar")
+    graph = read_trials(storage, "graph-ablation")
+    kind = next(c for c in ar.columns if c.endswith("kind"))
+    assert set(ar[kind]) == {"ar"} and set(ar["status"]) == {"terminated"}
+    assert sorted(ar["phase"]) == ["replicate"] * 2 + ["tune"]
+    assert sorted(ar.loc[ar["phase"] == "replicate", "seed"]) == [2, 3]
+    assert set(ar["data_identity"]) == set(graph["data_identity"])
+    assert (ar["val_nll_final"] > 0).all()
+    report = (storage / "graph-ablation" / "report.md").read_text()
+    verdicts = [ln for ln in stdout.splitlines() if ln.startswith("AR reference (")]
+    assert verdicts and verdicts[0] in report and "`graph-ablation-ar`" in verdicts[0]
+    for level in ("absorb", "uniform"):
+        assert f"diffusion-to-AR gap (an upper bound, as the diffusion number is): {level} - AR" \
+            in report
+    assert "2 seeds each, paired by seed and block" in report
+    assert (storage / "graph-ablation" / "ar_gap.png").stat().st_size > 1000
+    assert f"study directory: {storage / 'graph-ablation-ar'}" in stdout
+
+
+@pytest.mark.ray
 def test_sample_best_prints_text_and_is_deterministic(smoke_study, capsys, tmp_path):
     storage, *_ = smoke_study
-    args = ["--storage", str(storage), "--trial", "best", "--length", "16", "--seed", "3"]
+    args = ["--storage", str(storage), "--study", "graph-ablation", "--trial", "best",
+            "--length", "16", "--seed", "3"]
     rc, out, err = run_sample(capsys, *args, "--jsonl", str(tmp_path / "a.jsonl"))
     assert rc == 0, err
     assert out.startswith("# trial ") and "--- sample 0 ---" in out
@@ -268,7 +295,8 @@ def test_sample_infill_keeps_prefix_and_suffix(smoke_study, capsys):
     m = load_model(best_trial(storage, "graph-ablation")["checkpoint_path"])
     texts = m.generate(num_samples=2, length=24, steps=4, seed=0, prefix="ROMEO:", suffix=" end.")
     assert all(t.startswith("ROMEO:") and t.endswith(" end.") for t in texts)
-    rc, _, err = run_sample(capsys, "--storage", str(storage), "--length", "4",
+    rc, _, err = run_sample(capsys, "--storage", str(storage), "--study", "graph-ablation",
+                            "--length", "4",
                             "--prefix", "ROMEO: a prefix much longer than four tokens")
     assert rc == 1 and "--prefix takes" in err and "more than --length 4" in err
 
