@@ -195,8 +195,9 @@ def _hub_corpus(spec: str, repo: str, config: str | None, column: str, detok: st
         return [DETOKENIZERS.get(detok)(d) for d in group(list(rows)) if d.strip()]
 
     where = f"{repo}" + (f" ({config})" if config else "")
-    return EvalCorpus(spec, {"corpus": spec, "hub": repo, "config": config, "split": "test",
-                             "detokenizer": detok},
+    identity = {"corpus": spec, "hub": repo, "config": config, "split": "test",
+                "detokenizer": detok, **({"revision": revision} if revision else {})}
+    return EvalCorpus(spec, identity,
                       f"{spec}: Hub {where}, test split, one document per {unit}, "
                       f"detokeniser {detok}", documents=read, hub=repo)
 

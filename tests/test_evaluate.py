@@ -256,3 +256,46 @@ def test_an_exported_folder_evaluates_like_its_checkpoint(markov_ckpt, tmp_path,
         df = read_evals(evals)
         values.append(df[df["metric"] == "nll_bound"]["value"].tolist())
     assert values[0] and values[0] == pytest.approx(values[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("name, repo, config, revision, column, line, detokenised", [
+    ("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", None, "text",
+     " The quick @-@ brown fox , jumps over the dog . \n", "The quick-brown fox, jumps"),
+    ("lm1b", "billion-word-benchmark/lm1b", "plain_text", "refs/convert/parquet", "text",
+     "The fox said \" hi there \" , and left .", 'The fox said "hi there", and left.'),
+])
+def test_a_hub_corpus_is_read_from_its_repo_and_detokenised(
+        name, repo, config, revision, column, line, detokenised, text_ckpt, tmp_path,
+        monkeypatch, capfd):
+    """The Hub path itself, with the Hub's answer stood in for (no network here): the
+    repo, config, test split and revision asked for, the detokeniser applied to what is
+    evaluated, and rows that say so."""
+    import datasets
+
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    asked, seen = [], []
+
+    def load_dataset(path, name=None, split=None, revision=None, **kw):
+        asked.append((path, name, split, revision))
+        heading = [" = Fox = \n"] if name and name.startswith("wikitext") else []
+        return {column: heading + [line] * 200}
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    real = evaluate.DETOKENIZERS.get(name.rstrip("2"))
+    monkeypatch.setitem(evaluate.DETOKENIZERS._items, name.rstrip("2"),
+                        lambda s: seen.append(real(s)) or real(s))
+    evals = tmp_path / "evals.parquet"
+    rc, out, err = _run(capfd, ["--checkpoint", str(text_ckpt), "--corpus", name,
+                                "--evals", str(evals), *FAST])
+    assert rc == 0, err
+    assert asked == [(repo, config, "test", revision)]
+    assert seen and detokenised in seen[-1]
+    assert f"zero-shot {name}: Hub {repo} ({config}), test split" in out
+    df = read_evals(evals)
+    row = df[(df["corpus"] == name) & (df["metric"] == "nll_bound")].iloc[0]
+    settings = json.loads(row["settings"])
+    corpus = settings["corpus"]
+    assert corpus["hub"] == repo and corpus["detokenizer"] == name.rstrip("2")
+    assert corpus.get("revision") == revision and settings["zero_shot"].startswith(name)
+    assert math.isfinite(row["value"]) and row["stderr"] > 0
