@@ -203,6 +203,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any], 
     refs, out = ev.resolve_models(args)
     ref = refs[0]
     ev.model_tokenizer(ref)  # a missing or broken checkpoint fails here, not in a trial
+    if (kind := ev.model_kind(ref)) != "diffusion":
+        raise ev.EvalInputError(
+            f"{ref.checkpoint} is a model.kind={kind} checkpoint: it samples ancestrally, with "
+            "no predictor, steps or cache to sweep; sweep a diffusion checkpoint, or use "
+            "python -m sedd_ray.evaluate --samples N for its sample quality")
     lm = quality.load_eval_lm(args.eval_lm) if args.eval_lm else None
     base = {"samples": args.samples, "length": args.length, "sample_seed": args.seed,
             "eval_lm": lm.name if lm else None}

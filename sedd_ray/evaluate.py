@@ -314,6 +314,18 @@ def model_tokenizer(ref: ModelRef) -> Any:
     return Tokenizer.from_str(path.read_text())
 
 
+def model_kind(ref: ModelRef) -> str:
+    """``model.kind`` of a checkpoint (``diffusion`` or ``ar``), from its ``meta.json``
+    without loading weights; a pretrained folder or Hub id is a diffusion model."""
+    from sedd_ray.checkpoint import META_FILE
+    from sedd_ray.hub import is_pretrained_ref
+
+    meta = Path(ref.checkpoint) / META_FILE
+    if is_pretrained_ref(ref.checkpoint) or not meta.is_file():
+        return "diffusion"
+    return json.loads(meta.read_text()).get("config", {}).get("model", {}).get("kind", "diffusion")
+
+
 def check_tokenizer(corpus: EvalCorpus, tokenizer: Any, ref: ModelRef) -> None:
     """Refuse a corpus the model's tokenizer cannot be evaluated on (zero-shot means the
     model's own tokenizer): a synthetic source needs exactly its symbols; text needs a

@@ -48,3 +48,20 @@ def test_bad_sweep_input_is_one_error_line(flags, match, tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_ar_checkpoint_has_nothing_to_sweep(tmp_path, capfd):
+    """The AR reference samples ancestrally (no predictor, steps or cache): one line,
+    before Ray starts or anything is written."""
+    from conftest import tiny_config
+
+    from sedd_ray.trainer import train
+
+    cfg = tiny_config(kind="ar", corpus="markov:vocab=8,order=1,sharpness=2,blocks=256",
+                      seq_len=16, steps=4, ckpt_every=4, eval_every=4, final_eval_sequences=0)
+    ckpt = train(cfg, tmp_path / "ar").checkpoint_dir
+    before = sorted(tmp_path.rglob("*"))
+    rc = _script().main(["--checkpoint", str(ckpt), "--steps", "2", "--samples", "2"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is a model.kind=ar checkpoint" in err[0]
+    assert sorted(tmp_path.rglob("*")) == before
