@@ -164,7 +164,7 @@ def test_train_cli_refuses_bad_config(flags, match, path, tmp_path, capfd, no_co
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["bogus"], r"unknown study 'bogus'; valid studies: graph-ablation, model-size"),
+    (["bogus"], r"unknown study 'bogus'; valid studies: ar-reference, graph-ablation, model-size"),
     (["graph-ablation", "--preset", "huge"], r"unknown preset 'huge'; valid presets: "),
     (["graph-ablation", "--set", "lr=-1"], r"optim.lr must be > 0, got -1.0"),
     (["graph-ablation", "--set", "noise=cosine"], r"unknown noise 'cosine'; valid noises: "),
