@@ -377,8 +377,8 @@ def plot_bars(study: Study, axis: str, rows: Sequence[LevelRow], path: Path,
     finite = [v for v in study.finished[BOUND].astype(float) if math.isfinite(v)]
     if ar is not None and math.isfinite(ar.mean):
         ax.axhline(math.exp(ar.mean), color="black", ls="--", lw=1.2,
-                   label=f"AR reference {math.exp(ar.mean):.4g} (exact; n={ar.n}, "
-                         "band: 95% CI)")
+                   label=f"AR reference: exp(mean exact NLL) {math.exp(ar.mean):.4g} (n={ar.n}"
+                         + (", band: 95% CI)" if math.isfinite(ar.low) else ")"))
         if math.isfinite(ar.low):
             ax.axhspan(math.exp(ar.low), math.exp(ar.high), color="black", alpha=0.12, lw=0)
         finite += [math.exp(ar.low if math.isfinite(ar.low) else ar.mean)]
@@ -937,6 +937,7 @@ class ARReference:
     low: float = math.nan
     high: float = math.nan
     n: int = 0
+    rows: str = ""  # which trials of each study the gaps use
 
 
 def load_ar_reference(s: Study, name: str | None = None) -> Study | None:
@@ -961,28 +962,52 @@ def _tagged(frame: pd.DataFrame | None, tag: str) -> pd.DataFrame | None:
     return frame.assign(trial_id=tag + frame["trial_id"].astype(str))
 
 
+def _kind_column(trials: pd.DataFrame) -> str | None:
+    return next((c for c in trials.columns if c in ("kind", "model_kind")), None)
+
+
+def _ar_headline(ref: Study, y: np.ndarray, replicated: bool) -> tuple[str, float, float]:
+    """The AR reference's value: a t-interval over its replicate seeds, or (no
+    replicates yet) the mean of its tuning trials, said to be one."""
+    mean = float(np.mean(y))
+    half = (t_quantile(0.975, len(y) - 1) * float(np.std(y, ddof=1)) / math.sqrt(len(y))
+            if replicated and len(y) > 1 else math.nan)
+    what = f"`{ref.name}`: the same backbone, causal, exact NLL"
+    if not replicated:
+        return (f"AR reference ({what}; not replicated yet): {mean:.3f} nats/token, the mean of "
+                f"{len(y)} tuning trial{'s' * (len(y) != 1)} of different settings (no CI; run "
+                "its replicate phase)", mean, half)
+    ci = f"95% CI {mean - half:.3f} to {mean + half:.3f}; " if math.isfinite(half) else ""
+    return (f"AR reference ({what}): {mean:.3f} nats/token ({ci}{len(y)} "
+            f"seed{'s' * (len(y) != 1)})", mean, half)
+
+
 def ar_reference(s: Study, ref: Study, axis: str) -> ARReference:
-    """The AR reference's value and each level of ``axis`` against it, on the rows
-    :func:`sedd_ray.compare.comparison_rows` picks (replicates where there are some),
-    paired by seed and block where the seeds and blocks are shared."""
+    """The AR reference's value and each level of ``axis`` against it. Each study's rows
+    are picked on their own (:func:`sedd_ray.compare.comparison_rows`: its replicates
+    where it has some), so the headline and the gaps use the same AR trials; pairs are by
+    seed and block where seeds and blocks are shared, Welch's interval otherwise."""
+    kind = _kind_column(ref.finished)
+    kinds = sorted(set(ref.finished[kind].astype(str))) if kind else []
+    if kinds and kinds != ["ar"]:
+        return ARReference(ref, [f"AR reference `{ref.name}` not shown: its trials are "
+                                 f"model.kind {', '.join(kinds)}, not ar"])
     try:  # nats/token of different data do not compare: no value, no line, one reason
         check_data_identity(pd.concat([s.finished, ref.finished]))
     except CompareError as e:
         return ARReference(ref, [f"AR reference `{ref.name}` not shown: {e}"])
-    rows, _ = comparison_rows(ref.trials, s.metric)
-    y = rows[s.metric].astype(float).to_numpy() if s.metric in rows else np.array([])
-    if not len(y):
+    ar_rows, ar_which = comparison_rows(ref.trials, s.metric)
+    if ar_rows.empty:
         return ARReference(ref, [f"AR reference `{ref.name}`: no finished trial yet"])
-    half = (t_quantile(0.975, len(y) - 1) * float(np.std(y, ddof=1)) / math.sqrt(len(y))
-            if len(y) > 1 else math.nan)
-    mean = float(np.mean(y))
-    ci = (f"95% CI {mean - half:.3f} to {mean + half:.3f}; " if math.isfinite(half) else "")
-    head = (f"AR reference (`{ref.name}`: the same backbone, causal, exact NLL): {mean:.3f} "
-            f"nats/token ({ci}{len(y)} seed{'s' * (len(y) != 1)})")
+    y = ar_rows[s.metric].astype(float).to_numpy()
+    head, mean, half = _ar_headline(ref, y, ar_which == "replicate")
     out = ARReference(ref, [head], None, mean, mean - half, mean + half, len(y))
-    combined = pd.concat([s.trials.assign(**{MODEL_TYPE: levels_of(s, axis)}),
-                          _tagged(ref.trials, "ar/").assign(**{MODEL_TYPE: AR_LEVEL})],
-                         ignore_index=True).drop(columns=["level", "ablated_axis"], errors="ignore")
+    rows, which = comparison_rows(s.trials, s.metric)
+    levels = levels_of(s, axis)
+    combined = pd.concat([rows.assign(**{MODEL_TYPE: levels.loc[rows.index]}),
+                          _tagged(ar_rows, "ar/").assign(**{MODEL_TYPE: AR_LEVEL})],
+                         ignore_index=True).drop(columns=["level", "ablated_axis", "phase"],
+                                                 errors="ignore")
     blocks = [b for b in (s.blocks, _tagged(ref.blocks, "ar/")) if b is not None]
     try:
         c = compare(combined, MODEL_TYPE, blocks=pd.concat(blocks) if blocks else None,
@@ -991,8 +1016,17 @@ def ar_reference(s: Study, ref: Study, axis: str) -> ARReference:
         out.lines.append(f"no diffusion-to-AR gap: {e}")
         return out
     note = f" [Bonferroni, {len(c.effects)} comparisons]" if c.adjustment else ""
+    kinds = {"replicate": "replicate", "finished": "tuning"}
+    out.rows = ("the replicate trials of both studies" if which == ar_which == "replicate" else
+                f"the ablation's {kinds[which]} trials and the AR reference's {kinds[ar_which]} "
+                "trials")
+    if which != ar_which:
+        note += f" ({out.rows})"
     out.lines += [f"diffusion-to-AR gap (an upper bound, as the diffusion number is): "
                   f"{e.difference()}{note}" for e in c.effects]
+    left = [lv for lv in dict.fromkeys(levels.loc[s.finished.index]) if lv not in c.levels]
+    out.lines += [f"no diffusion-to-AR gap for {lv}: it has no finished replicate trial yet"
+                  for lv in left]
     out.comparison = c
     return out
 
@@ -1007,10 +1041,11 @@ def ar_section(s: Study, ar: ARReference, out: Path) -> list[str]:
                      f"`{ar.study.name}`")
     return md + [effect_markdown(c), "",
                  f"Gap = `{c.metric}` of the level minus the AR reference's exact NLL on the same "
-                 "validation blocks (nats/token; positive: the AR model is better). The diffusion "
-                 "number is an upper bound on its NLL, so the gap is an upper bound on the true "
-                 f"one. Over {'replicate' if c.rows == 'replicate' else 'finished'} trials of "
-                 f"both studies; the AR reference's tuning budget is one level's. The bar chart "
+                 "data (one data identity, checked; per-block pairs where both studies recorded "
+                 "the same validation blocks), in nats/token; positive: the AR model is better. "
+                 "The diffusion number is an upper bound on its NLL, so the gap is an upper bound "
+                 f"on the true one. Over {ar.rows}. `ablate_graph.py --ar-reference` gives the AR "
+                 "model one level's tuning budget and the levels' replicate seeds. The bar chart "
                  "draws the reference as a line with its 95% CI.", "",
                  f"![diffusion-to-AR gap]({_rel(p, out)})", ""]
 

@@ -114,10 +114,11 @@ def run_and_report(studies: list[tuple[str, dict[str, Any]]], args: argparse.Nam
                                       address=args.address,
                                       resource_timeout=args.resource_timeout))
             except ReplicationError as e:
-                if e.exit_code == 2:  # nothing ran: bad input
+                if e.exit_code == 2 and not dirs:  # nothing ran at all: bad input
                     raise
-                failures.append(str(e))  # its tuning ran: report it
-                dirs.append(StudyLayout(normalize(args.storage), spec.name).dir)
+                failures.append(str(e))  # its tuning, or an earlier study, ran: report them
+                if e.exit_code != 2:
+                    dirs.append(StudyLayout(normalize(args.storage), spec.name).dir)
     except (ConfigError, DataError, StorageError) as e:  # bad input: one line, nothing run
         print(f"error: {e}", file=sys.stderr)
         return 2

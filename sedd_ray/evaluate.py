@@ -315,15 +315,9 @@ def model_tokenizer(ref: ModelRef) -> Any:
 
 
 def model_kind(ref: ModelRef) -> str:
-    """``model.kind`` of a checkpoint (``diffusion`` or ``ar``), from its ``meta.json``
-    without loading weights; a pretrained folder or Hub id is a diffusion model."""
-    from sedd_ray.checkpoint import META_FILE
-    from sedd_ray.hub import is_pretrained_ref
-
-    meta = Path(ref.checkpoint) / META_FILE
-    if is_pretrained_ref(ref.checkpoint) or not meta.is_file():
-        return "diffusion"
-    return json.loads(meta.read_text()).get("config", {}).get("model", {}).get("kind", "diffusion")
+    """``model.kind`` of a checkpoint (``diffusion`` or ``ar``), read without its weights;
+    a pretrained folder or Hub id is a diffusion model (SEDD's or an export)."""
+    return str(_own_config(ref, ("model", "kind")) or "diffusion")
 
 
 def check_tokenizer(corpus: EvalCorpus, tokenizer: Any, ref: ModelRef) -> None:
@@ -575,17 +569,24 @@ def resolve_models(args: argparse.Namespace) -> tuple[list[ModelRef], str]:
 
 def _own_corpus(ref: ModelRef) -> str | None:
     """The training corpus recorded in a checkpoint's meta (no weights read)."""
+    return _own_config(ref, ("data", "corpus"))
+
+
+def _own_config(ref: ModelRef, key: tuple[str, str]) -> Any:
+    """``config[section][field]`` of a checkpoint, from its ``meta.json`` (a pretrained
+    folder: its config), without loading weights; None where it cannot be read."""
     from sedd_ray.checkpoint import META_FILE
     from sedd_ray.hub import HubError, is_pretrained_ref, pretrained_config
 
+    section, name = key
     if is_pretrained_ref(ref.checkpoint):
         try:
-            return pretrained_config(ref.checkpoint)[0].data.corpus
-        except (HubError, OSError, ValueError):
+            return getattr(getattr(pretrained_config(ref.checkpoint)[0], section), name)
+        except (HubError, OSError, ValueError, AttributeError):
             return None
     try:
         meta = json.loads((Path(ref.checkpoint) / META_FILE).read_text())
-        return meta["config"]["data"]["corpus"]
+        return meta["config"][section][name]
     except (OSError, KeyError, TypeError, ValueError):
         return None
 

@@ -415,28 +415,44 @@ def test_search_study_states_its_best_config(tmp_path):
                     f"(95% CI {3.9 - half:.3f} to {3.9 + half:.3f}; 3 seeds)")
 
 
-def _write_ar_reference(storage: Path, name: str, ys: dict[int, float], identity="d1a7") -> None:
+def _write_ar_reference(storage: Path, name: str, ys: dict[int, float], identity="d1a7",
+                        ids: list[str] | None = None, kind: str = "ar",
+                        replicated: bool = True) -> None:
     """An AR reference study as ``ablate_graph.py --ar-reference`` writes it: search mode
-    (no ablated axis), ``kind=ar``, one tuning trial, replicates on ``ys``'s seeds."""
+    (no ablated axis), ``kind=ar``, one tuning trial, replicates on ``ys``'s seeds (or,
+    ``replicated=False``, tuning trials only)."""
     rng = np.random.default_rng(1)
+    ids = ids or [f"a{k + 1:03d}" for k in range(len(ys))]
     with ResultsWriter(storage, name) as w:
-        _write_trial(w, "a000", "kind", "ar", {"lr": 1e-3, "seed": 0}, min(ys.values()), "tune",
-                     None, identity, rng, ablated=False)
-        for k, (seed, y) in enumerate(ys.items()):
-            _write_trial(w, f"a{k + 1:03d}", "kind", "ar", {"lr": 1e-3, "seed": seed}, y,
-                         "replicate", "a000", identity, rng, ablated=False)
+        if replicated:
+            _write_trial(w, "a000", "kind", kind, {"lr": 1e-3, "seed": 0}, min(ys.values()),
+                         "tune", None, identity, rng, ablated=False)
+        for tid, (seed, y) in zip(ids, ys.items()):
+            _write_trial(w, tid, "kind", kind, {"lr": 1e-3, "seed": seed}, y,
+                         "replicate" if replicated else "tune", "a000" if replicated else None,
+                         identity, rng, ablated=False)
 
 
-def test_report_shows_the_ar_reference_and_each_levels_gap_to_it(tmp_path, capsys):
+def test_report_shows_the_ar_reference_and_each_levels_gap_to_it(tmp_path, monkeypatch, capsys):
+    """The AR study's trial ids are the ablation's own (two Tune experiments may repeat an
+    id): its per-block values must still pair with the right trials."""
     rng = np.random.default_rng(25)
     t = trial_table({"uniform": 0.0, "absorb": -0.4}, seed_sd=0.02, rng=rng)
     t["trial_id"] = [f"r{i}" for i in range(len(t))]
+    t, blocks = block_table(t, rng=rng)
     write_study(tmp_path, "abl", t)
+    monkeypatch.setattr(results, "read_blocks", lambda storage, study: blocks, raising=False)
     plain = analyze.write_report(tmp_path, "abl").read_text()
     assert "AR reference" not in plain and not (tmp_path / "abl" / "ar_gap.png").exists()
-    # the AR model is 0.7 below uniform on every seed (shared seed effects cancel in pairs)
-    uni = t[t["level"] == "uniform"].set_index("seed")["val_nll_final"]
-    _write_ar_reference(tmp_path, "abl-ar", {s: float(uni[s]) - 0.7 for s in uni.index})
+    # AR: 0.7 below uniform per block, plus its own seed spread; the same trial ids r0..r2
+    uni = t[t["level"] == "uniform"].reset_index(drop=True)
+    spread = np.array([0.03, -0.05, 0.02])
+    ar_blocks = blocks[blocks["trial_id"].isin(uni["trial_id"])].copy()
+    ar_blocks["nll"] -= 0.7 - ar_blocks["trial_id"].map(dict(zip(uni["trial_id"], spread)))
+    ar_y = dict(zip(uni["seed"], ar_blocks.groupby("trial_id")["nll"].mean()[uni["trial_id"]]))
+    _write_ar_reference(tmp_path, "abl-ar", ar_y, ids=list(uni["trial_id"]))
+    monkeypatch.setattr(results, "read_blocks", lambda storage, study:
+                        ar_blocks if study == "abl-ar" else blocks, raising=False)
     assert analyze.main([str(tmp_path / "abl")]) == 0
     out = capsys.readouterr().out.splitlines()
     report = (tmp_path / "abl" / "report.md").read_text()
@@ -444,18 +460,47 @@ def test_report_shows_the_ar_reference_and_each_levels_gap_to_it(tmp_path, capsy
     assert verdicts[0].startswith("absorb beats uniform by 0.")
     assert verdicts[1].startswith("AR reference (`abl-ar`: the same backbone, causal, exact NLL):")
     assert verdicts[1].endswith("; 3 seeds)") and out[:3] == verdicts[:3]
-    gaps = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r"diffusion-to-AR gap \(an upper bound, as the diffusion number is\): (\w+) - AR = "
-        r"([-+0-9.]+) nats/token \(97.5% CI [^;]+; 3 seeds each, paired by seed\)", report)}
-    assert gaps["uniform"] == pytest.approx(0.7, abs=0.01)
-    assert gaps["absorb"] == pytest.approx(0.3, abs=0.1)
+    gap_re = (r"diffusion-to-AR gap \(an upper bound, as the diffusion number is\): (\w+) - AR = "
+              r"([-+0-9.]+) nats/token \(97.5% CI ([-+0-9.]+) to ([-+0-9.]+); 3 seeds each, "
+              r"paired by seed and block\)")
+    gaps = {m.group(1): [float(x) for x in m.groups()[1:]] for m in re.finditer(gap_re, report)}
+    # uniform - AR = 0.7 - spread per seed: the CI is the t-interval of those three values
+    d = 0.7 - spread
+    half = 4.302652729911275 * d.std(ddof=1) / math.sqrt(3)  # t(0.9875, 2) is wider; below
+    assert gaps["uniform"][0] == pytest.approx(d.mean(), abs=1e-3)
+    assert gaps["uniform"][1] < d.mean() - half < d.mean() + half < gaps["uniform"][2]
+    assert gaps["absorb"][0] == pytest.approx(0.3, abs=0.1)
     assert "## Autoregressive reference" in report and "![diffusion-to-AR gap](ar_gap.png)" in report
+    assert "Over the replicate trials of both studies." in report
     for png in ("ar_gap.png", "graph_bars.png"):
         assert (tmp_path / "abl" / png).stat().st_size > 1000
-    # the AR study of another data identity is not compared: said, not hidden
-    _write_ar_reference(tmp_path, "other-ar", {0: 3.0, 1: 3.1}, identity="beef")
-    report = analyze.write_report(tmp_path, "abl", ar_reference_name="other-ar").read_text()
-    assert "AR reference `other-ar` not shown: refusing to compare: trials were measured on " \
-        "different data" in report and "diffusion-to-AR gap" not in report
+
+
+def test_an_ar_reference_that_cannot_be_compared_says_why(tmp_path, capsys):
+    rng = np.random.default_rng(26)
+    t = trial_table({"uniform": 0.0, "absorb": -0.4}, rng=rng)
+    t["trial_id"] = [f"r{i}" for i in range(len(t))]
+    write_study(tmp_path, "abl", t)
+
+    def ar_lines(name: str) -> list[str]:
+        report = analyze.write_report(tmp_path, "abl", ar_reference_name=name).read_text()
+        return [ln for ln in analyze.read_verdicts(tmp_path / "abl" / "report.md")
+                if "AR" in ln] + (["<gap plot>"] if "![diffusion-to-AR gap]" in report else [])
+
+    _write_ar_reference(tmp_path, "other-data", {0: 3.0, 1: 3.1}, identity="beef")
+    lines = ar_lines("other-data")
+    assert lines == [lines[0]] and lines[0].startswith(
+        "AR reference `other-data` not shown: refusing to compare: trials were measured on "
+        "different data")
+    _write_ar_reference(tmp_path, "not-ar", {0: 3.0, 1: 3.1}, kind="diffusion")
+    assert ar_lines("not-ar") == ["AR reference `not-ar` not shown: its trials are model.kind "
+                                  "diffusion, not ar"]
+    # the AR study's tuning trials only: said so, and compared as what they are
+    _write_ar_reference(tmp_path, "tuned-only", {0: 3.0, 1: 3.2}, replicated=False)
+    lines = ar_lines("tuned-only")
+    assert lines[0].startswith("AR reference (`tuned-only`: the same backbone, causal, exact "
+                               "NLL; not replicated yet): 3.100 nats/token, the mean of 2 tuning")
+    assert all("(the ablation's replicate trials and the AR reference's tuning trials)" in ln
+               for ln in lines[1:3]) and lines[3] == "<gap plot>"
     assert analyze.main([str(tmp_path / "abl"), "--ar-reference", "missing"]) == 2
     assert capsys.readouterr().err.startswith("error: ")

@@ -188,7 +188,7 @@ def test_the_same_through_an_experiment_script(local_cluster, nothing_starts, tm
 
 @pytest.mark.ray
 def test_evaluation_tasks_and_sweep_trials_no_node_can_hold_are_refused(local_cluster, tmp_path,
-                                                                       capfd):
+                                                                       capfd, monkeypatch):
     """``evaluate --ray --gpus-per-task 1`` and ``sweep_sampler.py --gpus-per-trial 1`` on a
     machine without a GPU: one line each, no task or trial started, no row written."""
     from sedd_ray import evaluate
@@ -205,6 +205,9 @@ def test_evaluation_tasks_and_sweep_trials_no_node_can_hold_are_refused(local_cl
                                            "--gpus-per-task", "1", "--blocks", "4"])
     assert line == ("error: 1 task x (1 CPU, 1 GPU) needs 1 GPU; this cluster has 0 (local). "
                     "Use --gpus-per-task 0, or --address to join a cluster with GPUs")
+    import ray
+
+    monkeypatch.setattr(ray, "shutdown", lambda: None)  # the sweep's own; keep this module's cluster
     line = _refused(capfd, sweep_sampler.main, ["--checkpoint", ckpt, "--steps", "2",
                                                 "--samples", "2", "--cpus-per-trial", "3"])
     assert line == ("error: 1 trial x 3 CPU needs 3 CPUs; this cluster has 2 (local). "

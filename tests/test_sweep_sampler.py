@@ -65,3 +65,6 @@ def test_an_ar_checkpoint_has_nothing_to_sweep(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "is a model.kind=ar checkpoint" in err[0]
     assert sorted(tmp_path.rglob("*")) == before
+    import ray
+
+    assert not ray.is_initialized()
