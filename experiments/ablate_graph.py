@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the autoregressive reference (same backbone, causal, "
                         "same data, budget and seeds; the study <name>-ar) and show it in "
                         "the report: a reference line and each graph's diffusion-to-AR gap "
-                        "with its CI. About half as much time again on CPU")
+                        "with its CI. About 4 more minutes on 2 CPU cores")
     args = apply_defaults(p.parse_args(argv), DEFAULTS)
     studies: list[tuple[str, dict]] = [("graph-ablation", {})]
     if args.ar_reference:

@@ -437,8 +437,8 @@ def bound_rows(ref: ModelRef, loaded: Any, corpus: EvalCorpus, settings: EvalSet
         _, values = objective.split_nll(loaded.model, blocks, count=settings.blocks,
                                         draws=settings.draws, seed=settings.seed,
                                         batch_size=settings.batch_size, device=device)
-    exact = loaded.cfg.model.kind != "diffusion"
-    nll, ppl, gap = ("nll", "ppl", "nll_gap") if exact else ("nll_bound", "ppl_bound", "bound_gap")
+    nll, ppl, gap = (("nll", "ppl", "nll_gap") if objective.exact_nll
+                     else ("nll_bound", "ppl_bound", "bound_gap"))
     mean, se = mean_stderr(values)
     wall = time.perf_counter() - t0
     truth = corpus.synthetic.true_nll(seq_len) if corpus.synthetic is not None else None

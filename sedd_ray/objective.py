@@ -5,17 +5,21 @@
     per_seq = objective.loss(model, x0, generator)       # (B, L) long -> (B,) nats/sequence
     ids, nll = objective.split_nll(model, split, count=, rank=, world=, draws=, seed=,
                                    batch_size=, device=)  # (n, L) -> (k_r,) long, (k_r,) f64
-    x = objective.sample(model, batch=, length=, steps=, generator=, device=, autocast=)
+    x = objective.sample(model, batch=, length=, steps=, generator=, device=, autocast=,
+                         predictor="analytic", cache="batch")  # (batch, length) long
+    objective.exact_nll                                  # split_nll is exact, not a bound
 
 ``split_nll`` takes the blocks :func:`~sedd_ray.diffusion.bound.spread_block_indices`
 ``(n, count)[rank::world]`` for every kind, so a diffusion trial's bound and an AR trial's
 exact NLL cover the same validation blocks in the same nats/token (all ``L`` tokens).
 
 - ``diffusion``: SEDD (:func:`~sedd_ray.diffusion.score_entropy_loss`, the importance-sampled
-  bound :func:`~sedd_ray.diffusion.bound.split_bound`, the analytic sampler).
+  bound :func:`~sedd_ray.diffusion.bound.split_bound`, the sampler with its ``predictor``
+  and the RADD denoiser ``cache`` mode).
 - ``ar``: the autoregressive reference (:mod:`sedd_ray.ar`): next-token cross-entropy, the
   exact NLL (``draws`` and ``seed`` are unused: nothing is random), ancestral sampling
-  (``steps`` is unused: one network call per token). The graph and noise are ignored.
+  (``steps``, ``predictor`` and ``cache`` are unused: one network call per token). The graph
+  and noise are ignored.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ OBJECTIVES: Registry[type] = Registry("model kind")
 class DiffusionObjective:
     """SEDD: the score network, score entropy, the bound, the analytic sampler."""
 
+    exact_nll = False  # split_nll is the ELBO's bound
+
     def __init__(self, graph: Any, noise: Any, settings: DiffusionConfig | None = None) -> None:
         self.graph, self.noise = graph, noise
         self.settings = settings or DiffusionConfig()
@@ -58,17 +64,20 @@ class DiffusionObjective:
                            **kwargs)
 
     def sample(self, model: nn.Module, *, batch: int, length: int, steps: int,
-               generator: torch.Generator, device: torch.device, autocast: Any = None):
+               generator: torch.Generator, device: torch.device, autocast: Any = None,
+               predictor: str = "analytic", cache: str | bool = "batch"):
         # a time-independent (RADD) model reuses its output while no token changed
-        score_fn = model_score_fn(model, autocast=autocast)
+        score_fn = model_score_fn(model, cache=cache, autocast=autocast)
         return sample(score_fn, self.graph, self.noise, batch=batch, length=length, steps=steps,
-                      predictor="analytic", denoise=True, eps=self.settings.sampling_eps,
+                      predictor=predictor, denoise=True, eps=self.settings.sampling_eps,
                       generator=generator, device=device)
 
 
 @OBJECTIVES.register("ar")
 class ARObjective:
     """The autoregressive reference; the graph and noise are accepted and ignored."""
+
+    exact_nll = True  # split_nll is the model's exact NLL
 
     def __init__(self, graph: Any, noise: Any = None, settings: Any = None) -> None:
         self.vocab_size = graph.vocab_size  # the real tokens (no mask)
@@ -86,7 +95,8 @@ class ARObjective:
         return ids, block_nll(model, split[ids], batch_size=batch_size, device=device)
 
     def sample(self, model: nn.Module, *, batch: int, length: int, steps: int,
-               generator: torch.Generator, device: torch.device, autocast: Any = None):
+               generator: torch.Generator, device: torch.device, autocast: Any = None,
+               **unused: Any):
         with autocast or nullcontext():
             return ancestral_sample(model, batch=batch, length=length, generator=generator,
                                     device=device)

@@ -128,7 +128,6 @@ def sample_tokens(loaded: Any, *, num_samples: int, length: int, steps: int,
     One generator seeded by ``seed`` on the model's device draws every batch in turn, so
     the samples are a fixed function of (checkpoint, settings, seed, device). ``cache``:
     the RADD denoiser cache mode of a time-independent model (:func:`model_score_fn`)."""
-    from sedd_ray.diffusion import model_score_fn, sample
     from sedd_ray.objective import build_objective
     from sedd_ray.trainer import bf16_autocast
 
@@ -138,20 +137,11 @@ def sample_tokens(loaded: Any, *, num_samples: int, length: int, steps: int,
     device = next(loaded.model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     autocast = bf16_autocast(loaded.cfg.train.precision, device)
-    if loaded.cfg.model.kind == "diffusion":
-        score_fn = model_score_fn(loaded.model, cache=cache, autocast=autocast)
-
-        def draw(b: int) -> torch.Tensor:
-            return sample(score_fn, loaded.graph, loaded.noise, batch=b, length=length,
-                          steps=steps, predictor=predictor, denoise=True,
-                          eps=loaded.cfg.diffusion.sampling_eps, generator=g, device=device)
-    else:  # the AR reference: its own sampler (ancestral; steps, predictor, cache unused)
-        objective = build_objective(loaded.cfg, loaded.graph, loaded.noise)
-
-        def draw(b: int) -> torch.Tensor:
-            return objective.sample(loaded.model, batch=b, length=length, steps=steps,
-                                    generator=g, device=device, autocast=autocast)
-    return torch.cat([draw(min(batch_size, num_samples - start)).cpu()
+    # the model kind's own sampler (the AR reference: ancestral; steps, predictor, cache unused)
+    objective = build_objective(loaded.cfg, loaded.graph, loaded.noise)
+    return torch.cat([objective.sample(loaded.model, batch=min(batch_size, num_samples - start),
+                                       length=length, steps=steps, generator=g, device=device,
+                                       autocast=autocast, predictor=predictor, cache=cache).cpu()
                       for start in range(0, num_samples, batch_size)])
 
 
