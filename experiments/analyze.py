@@ -621,6 +621,11 @@ def axis_verdict(s: Study, axis: str) -> AxisVerdict:
     return AxisVerdict(axis, c.lines(), c)
 
 
+def t_halfwidth(y: np.ndarray) -> float:
+    """Half the width of the 95% Student t-interval of the mean of ``y`` (n >= 2)."""
+    return t_quantile(0.975, len(y) - 1) * float(np.std(y, ddof=1)) / math.sqrt(len(y))
+
+
 def search_verdict(s: Study) -> AxisVerdict:
     """A search study compares no levels: its answer is the best config and how sure."""
     rows, which = comparison_rows(s.trials, s.metric)
@@ -628,7 +633,7 @@ def search_verdict(s: Study) -> AxisVerdict:
         return AxisVerdict("search", ["no verdict: no finished trial yet"])
     y = rows[s.metric].astype(float)
     if which == "replicate" and len(y) > 1:
-        half = t_quantile(0.975, len(y) - 1) * float(y.std(ddof=1)) / math.sqrt(len(y))
+        half = t_halfwidth(y.to_numpy())
         src = ", ".join(f"`{t}`" for t in rows["replicate_of"].dropna().astype(str).unique())
         return AxisVerdict("search", [
             f"best config (replicates of {src or 'the best trial'}): {s.metric} "
@@ -970,8 +975,7 @@ def _ar_headline(ref: Study, y: np.ndarray, replicated: bool) -> tuple[str, floa
     """The AR reference's value: a t-interval over its replicate seeds, or (no
     replicates yet) the mean of its tuning trials, said to be one."""
     mean = float(np.mean(y))
-    half = (t_quantile(0.975, len(y) - 1) * float(np.std(y, ddof=1)) / math.sqrt(len(y))
-            if replicated and len(y) > 1 else math.nan)
+    half = t_halfwidth(y) if replicated and len(y) > 1 else math.nan
     what = f"`{ref.name}`: the same backbone, causal, exact NLL"
     if not replicated:
         return (f"AR reference ({what}; not replicated yet): {mean:.3f} nats/token, the mean of "
