@@ -172,13 +172,20 @@ def test_a_study_whose_trials_cannot_fit_is_refused(local_cluster, nothing_start
     assert list(tmp_path.iterdir()) == []  # no study folder, no trial recorded
 
 
-@pytest.mark.ray
-def test_the_same_through_an_experiment_script(local_cluster, nothing_starts, tmp_path, capfd):
+def _experiment(name: str):
+    """``experiments/<name>.py`` as a module (the repo root on the path while importing)."""
+    import importlib
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     try:
-        from experiments import ablate_graph
+        return importlib.import_module(f"experiments.{name}")
     finally:
         sys.path.pop(0)
+
+
+@pytest.mark.ray
+def test_the_same_through_an_experiment_script(local_cluster, nothing_starts, tmp_path, capfd):
+    ablate_graph = _experiment("ablate_graph")
     line = _refused(capfd, ablate_graph.main, [*STUDY, "--gpus-per-trial", "1",
                                                "--storage", str(tmp_path / "results")])
     assert line == ("error: 1 worker x (1 CPU, 1 GPU) needs 1 GPU; this cluster has 0 (local). "
@@ -193,11 +200,7 @@ def test_evaluation_tasks_and_sweep_trials_no_node_can_hold_are_refused(local_cl
     machine without a GPU: one line each, no task or trial started, no row written."""
     from sedd_ray import evaluate
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    try:
-        from experiments import sweep_sampler
-    finally:
-        sys.path.pop(0)
+    sweep_sampler = _experiment("sweep_sampler")
     ckpt = evaluate.smoke_checkpoint(str(tmp_path))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     line = _refused(capfd, evaluate.main, ["--checkpoint", ckpt, "--corpus",
