@@ -1020,9 +1020,9 @@ def ar_reference(s: Study, ref: Study, axis: str) -> ARReference:
         out.lines.append(f"no diffusion-to-AR gap: {e}")
         return out
     note = f" [Bonferroni, {len(c.effects)} comparisons]" if c.adjustment else ""
-    kinds = {"replicate": "replicate", "finished": "tuning"}
+    word = {"replicate": "replicate", "finished": "tuning"}  # comparison_rows' row sets
     out.rows = ("the replicate trials of both studies" if which == ar_which == "replicate" else
-                f"the ablation's {kinds[which]} trials and the AR reference's {kinds[ar_which]} "
+                f"the ablation's {word[which]} trials and the AR reference's {word[ar_which]} "
                 "trials")
     if which != ar_which:
         note += f" ({out.rows})"
